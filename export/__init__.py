@@ -1,0 +1,1 @@
+"""Everything torch: model adapters, the pruning math, PyTorch references and tracing to ONNX."""

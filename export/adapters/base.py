@@ -1,0 +1,92 @@
+"""What every model adapter declares and provides. An adapter owns one model family: loading a local HF
+checkpoint, resolving a pruning request against it, and the torch modules that become the graphs (and serve
+as the PyTorch reference for parity)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from export.pruning import PruningConfig
+
+
+@dataclass
+class GraphExport:
+    """One graph to trace: the module, example inputs and the names/dynamic axes of its inputs and outputs."""
+
+    name: str
+    module: torch.nn.Module
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+class TorchRunner:
+    """The PyTorch twin of ``runtime.backends.Runner``: numpy feeds in, numpy outputs out, same names.
+
+    Feeds are cast to the module's floating dtype (an fp32 reference can check an fp16 graph)."""
+
+    def __init__(self, graph: GraphExport, float_dtype: torch.dtype = torch.float32):
+        self.module = graph.module
+        self.input_names = list(graph.input_names)
+        self.output_names = list(graph.output_names)
+        self.float_dtype = float_dtype
+
+    @torch.no_grad()
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = []
+        for name in self.input_names:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.float_dtype)
+            args.append(tensor)
+        outputs = self.module(*args)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return {
+            name: (value.float() if value.is_floating_point() else value).numpy()
+            for name, value in zip(self.output_names, outputs)
+        }
+
+
+class ModelAdapter(ABC):
+    name: ClassVar[str]  # family name, also the runtime pipeline's name
+    architectures: ClassVar[tuple[str, ...]]  # HF ``architectures`` entries this adapter accepts
+    methods: ClassVar[tuple[str, ...]]
+    default_prompt_template: ClassVar[str]
+
+    def __init__(self, path: str | Path, precision: str = "fp32"):
+        self.path = Path(path)
+        self.precision = precision
+
+    @abstractmethod
+    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
+        """The manifest's ``pruning`` section: method, ratio, k, N, resolved layer weights, ..."""
+
+    @abstractmethod
+    def graphs(self, pruning: dict[str, Any]) -> list[GraphExport]:
+        """Every graph of the pipeline, ready to trace (and to run as the reference)."""
+
+    @abstractmethod
+    def preprocess_settings(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def text_settings(self, prompt_template: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def language_model_settings(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def save_tokenizer(self, folder: Path) -> str:
+        """Write the tokenizer the runtime needs into ``folder``; return its file name."""
+
+    @abstractmethod
+    def model_info(self) -> dict[str, Any]: ...
+
+    def torch_runners(self, pruning: dict[str, Any]) -> dict[str, TorchRunner]:
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        return {graph.name: TorchRunner(graph, dtype) for graph in self.graphs(pruning)}

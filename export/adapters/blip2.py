@@ -1,0 +1,299 @@
+"""BLIP-2 (OPT language model) + CATP: prune the Q-Former's output query tokens before the language model.
+
+Graphs:
+    visual   pixel_values (B, 3, H, W) → query_embeds (B, k, E), kept_indices (B, k) int64, scores (B, Q) float32
+    embed    input_ids (B, T) → inputs_embeds (B, T, E)
+    prefill  inputs_embeds (B, S, E), attention_mask (B, S), position_ids (B, S) → logits (B, V), present.* (B, H, S, Dh)
+    decode   input_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), past.* (B, H, P, Dh)
+             → logits (B, V), present.* (B, H, P+1, Dh)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from export import pruning
+from export.adapters import register
+from export.adapters.base import GraphExport, ModelAdapter
+from export.models import opt
+from export.pruning import PruningConfig, Signals
+from runtime.errors import CheckpointError
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@contextmanager
+def capture_attention_probs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention probabilities (second output, eager attention) of ``modules`` during a forward."""
+    captured: list[torch.Tensor | None] = [None] * len(modules)
+
+    def hook_for(slot: int):
+        def hook(module, args, output):
+            probs = output[1] if isinstance(output, tuple) else None
+            if probs is None:
+                raise CheckpointError("attention probabilities are missing: the model must use eager attention")
+            captured[slot] = probs
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
+    try:
+        yield captured  # type: ignore[misc]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class PrunedVisual(nn.Module):
+    """Vision encoder → Q-Former → score the Q queries → keep k (in order) → language projection."""
+
+    def __init__(self, model: nn.Module, config: PruningConfig, layer_weights: list[float], k: int):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.layer_weights = layer_weights
+        self.k = k
+        layers = model.qformer.encoder.layer
+        self.cross_modules = [layer.crossattention.attention for layer in layers if layer.has_cross_attention]
+        self.self_modules = [layer.attention.attention for layer in layers]
+        self.vision_last = model.vision_model.encoder.layers[-1].self_attn
+
+    def forward(self, pixel_values: torch.Tensor):
+        model = self.model
+        watched = self.cross_modules + self.self_modules + [self.vision_last]
+        with capture_attention_probs(watched) as probs:
+            image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, Dv)
+            query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)  # (B, P) as HF passes it
+            query_output = model.qformer(
+                query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+            ).last_hidden_state  # (B, Q, Dq) float32: HF keeps the Q-Former in fp32
+        num_cross = len(self.cross_modules)
+        signals = Signals(
+            tokens=query_output,
+            cross_attentions=probs[:num_cross],  # each (B, heads, Q, P)
+            self_attentions=probs[num_cross:-1],  # each (B, heads, Q, Q)
+            vision_attention=probs[-1],  # (B, heads, P, P)
+        )
+        scores = pruning.score_tokens(signals, self.layer_weights, self.config)  # (B, Q) float32
+        kept_indices = pruning.select_top_k(scores, self.k)  # (B, k) ascending
+        kept_tokens = pruning.gather_tokens(query_output, kept_indices)  # (B, k, Dq)
+        projection = model.language_projection
+        query_embeds = projection(kept_tokens.to(projection.weight.dtype))  # (B, k, E)
+        return query_embeds, kept_indices, scores
+
+
+def config_sha256(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text())
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+@register
+class Blip2OptAdapter(ModelAdapter):
+    name = "blip2-opt"
+    architectures = ("Blip2ForConditionalGeneration",)
+    methods = tuple(pruning.METHODS)
+    default_prompt_template = "Question: {} Answer:"
+
+    def __init__(self, path: str | Path, precision: str = "fp32"):
+        super().__init__(path, precision)
+        from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration
+
+        config = Blip2Config.from_pretrained(self.path)
+        text_type = getattr(config.text_config, "model_type", None)
+        if text_type != "opt" or not config.use_decoder_only_language_model:
+            raise CheckpointError(
+                f"{self.path}: BLIP-2 with a {text_type!r} language model is not supported; this adapter exports OPT"
+            )
+        if not any((self.path / f).is_file() for f in PROCESSOR_FILES):
+            raise CheckpointError(
+                f"{self.path}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor beside the model "
+                "with processor.save_pretrained(folder)"
+            )
+        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(f"{self.path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) beside the model")
+
+        self.processor = AutoProcessor.from_pretrained(self.path)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(
+            self.path, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+        if precision == "fp16":
+            # As HF runs BLIP-2 in half precision: vision, projection and LM in fp16, the Q-Former in fp32
+            # (``_keep_in_fp32_modules``). The OPT path computes LayerNorm and softmax in fp32 itself.
+            self.model.vision_model.half()
+            self.model.language_projection.half()
+            self.model.language_model.half()
+        self.config = self.model.config
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_queries(self) -> int:
+        return int(self.config.num_query_tokens)
+
+    @property
+    def num_cross_layers(self) -> int:
+        return sum(1 for layer in self.model.qformer.encoder.layer if layer.has_cross_attention)
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "source": str(self.path.resolve()),
+            "architecture": self.architectures[0],
+            "config_sha256": config_sha256(self.path),
+            "num_query_tokens": self.num_queries,
+            "cross_attention_layers": self.num_cross_layers,
+            "image_size": int(self.config.vision_config.image_size),
+        }
+
+    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
+        pruning.check_method(config.method)
+        k = pruning.keep_count(self.num_queries, config.ratio)
+        layer_weights = pruning.parse_layer_weights(config.layer_weights, self.num_cross_layers)
+        return {
+            "method": config.method,
+            "ratio": config.ratio,
+            "k": k,
+            "num_visual_tokens": self.num_queries,
+            "what": "Q-Former output query tokens",
+            "layer_weights_preset": config.layer_weights,
+            "layer_weights": layer_weights,
+            "image_importance": bool(config.image_importance),
+            "seed": config.seed,
+            "positions": positions,
+        }
+
+    # ------------------------------------------------------------------ graphs
+    def graphs(self, resolved: dict[str, Any]) -> list[GraphExport]:
+        config = PruningConfig(
+            method=resolved["method"],
+            ratio=resolved["ratio"],
+            image_importance=resolved["image_importance"],
+            seed=resolved["seed"],
+        )
+        lm = self.model.language_model
+        lm_config = self.config.text_config
+        num_layers, heads = lm_config.num_hidden_layers, lm_config.num_attention_heads
+        head_dim = lm_config.hidden_size // heads
+        float_dtype = lm.dtype
+        image_size = int(self.config.vision_config.image_size)
+        batch, text, past = 2, 3, 5  # trace with non-degenerate sizes so nothing specialises to 1
+        present = opt.cache_names(num_layers, "present")
+        past_names = opt.cache_names(num_layers, "past")
+        embed_dim = lm.get_input_embeddings().embedding_dim
+
+        visual = GraphExport(
+            name="visual",
+            module=PrunedVisual(self.model, config, resolved["layer_weights"], resolved["k"]),
+            args=(torch.randn(batch, 3, image_size, image_size),),
+            input_names=["pixel_values"],
+            output_names=["query_embeds", "kept_indices", "scores"],
+            dynamic_axes={name: {0: "batch"} for name in ("pixel_values", "query_embeds", "kept_indices", "scores")},
+        )
+        embed = GraphExport(
+            name="embed",
+            module=opt.EmbedTokens(lm),
+            args=(torch.randint(0, lm_config.vocab_size, (batch, text)),),
+            input_names=["input_ids"],
+            output_names=["inputs_embeds"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "text_len"}, "inputs_embeds": {0: "batch", 1: "text_len"}},
+        )
+        seq = resolved["k"] + text
+        prefill = GraphExport(
+            name="prefill",
+            module=opt.Prefill(lm),
+            args=(
+                torch.randn(batch, seq, embed_dim, dtype=float_dtype),
+                torch.ones(batch, seq, dtype=torch.long),
+                torch.arange(seq).repeat(batch, 1),
+            ),
+            input_names=["inputs_embeds", "attention_mask", "position_ids"],
+            output_names=["logits", *present],
+            dynamic_axes={
+                "inputs_embeds": {0: "batch", 1: "prefill_len"},
+                "attention_mask": {0: "batch", 1: "prefill_len"},
+                "position_ids": {0: "batch", 1: "prefill_len"},
+                "logits": {0: "batch"},
+                **{name: {0: "batch", 2: "prefill_len"} for name in present},
+            },
+        )
+        decode = GraphExport(
+            name="decode",
+            module=opt.DecodeStep(lm),
+            args=(
+                torch.randint(0, lm_config.vocab_size, (batch, 1)),
+                torch.ones(batch, past + 1, dtype=torch.long),
+                torch.full((batch, 1), past),
+                *[torch.randn(batch, heads, past, head_dim, dtype=float_dtype) for _ in past_names],
+            ),
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present],
+            dynamic_axes={
+                "input_ids": {0: "batch"},
+                "attention_mask": {0: "batch", 1: "total_len"},
+                "position_ids": {0: "batch"},
+                "logits": {0: "batch"},
+                **{name: {0: "batch", 2: "past_len"} for name in past_names},
+                **{name: {0: "batch", 2: "total_len"} for name in present},
+            },
+        )
+        return [visual, embed, prefill, decode]
+
+    # ------------------------------------------------------------------ runtime settings
+    def preprocess_settings(self) -> dict[str, Any]:
+        image_processor = self.processor.image_processor
+        size = image_processor.size
+        height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
+        return {
+            "kind": "blip",
+            "size": [int(height), int(width)],
+            "resample": int(image_processor.resample),
+            "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
+            "do_resize": bool(image_processor.do_resize),
+            "do_rescale": bool(image_processor.do_rescale),
+            "rescale_factor": float(image_processor.rescale_factor),
+            "do_normalize": bool(image_processor.do_normalize),
+            "image_mean": [float(v) for v in image_processor.image_mean],
+            "image_std": [float(v) for v in image_processor.image_std],
+        }
+
+    def text_settings(self, prompt_template: str) -> dict[str, Any]:
+        from export.tokenizer_probe import special_ids_around_text
+
+        tokenizer = self.processor.tokenizer
+        prefix_ids, suffix_ids = special_ids_around_text(tokenizer)
+        generation = self.model.generation_config
+        eos = generation.eos_token_id if generation.eos_token_id is not None else self.config.text_config.eos_token_id
+        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
+        return {
+            "tokenizer": "tokenizer.json",
+            "prompt_template": prompt_template,
+            "prefix_ids": prefix_ids,
+            "suffix_ids": suffix_ids,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_ids": eos_ids,
+            "pad_token_id": int(pad if pad is not None else eos_ids[0]),
+            "image_token_id": int(self.config.image_token_id),
+        }
+
+    def language_model_settings(self) -> dict[str, Any]:
+        text = self.config.text_config
+        return {
+            "type": "opt",
+            "num_layers": int(text.num_hidden_layers),
+            "num_heads": int(text.num_attention_heads),
+            "head_dim": int(text.hidden_size // text.num_attention_heads),
+            "hidden_size": int(text.hidden_size),
+            "vocab_size": int(text.vocab_size),
+            "max_position_embeddings": int(text.max_position_embeddings),
+        }
+
+    def save_tokenizer(self, folder: Path) -> str:
+        self.processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        return "tokenizer.json"

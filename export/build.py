@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Build pruned static-shape ONNX graphs (+ manifest) from a local Hugging Face checkpoint.
+
+    python export/build.py --ratio 0.5
+    python export/build.py --model path/to/blip2 --ratio 0.75 --method catp --layer-weights first --out engines/x
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make the repo importable, and never shadow top-level modules
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(REPO))
+
+from runtime.errors import cli_errors  # noqa: E402
+
+ENGINES = REPO / "engines"
+DEFAULT_MODEL_NOTE = "a tiny randomly initialised BLIP-2 created under engines/_models/ (until a trained default ships)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help=f"local HF checkpoint folder (default: {DEFAULT_MODEL_NOTE})")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of visual tokens REMOVED, in [0, 1) (default 0.5)")
+    parser.add_argument("--method", default="catp", help="catp | l2 | self-attn | random | first-k (default catp)")
+    parser.add_argument("--layer-weights", default="uniform", help="uniform | first | last | first+last | w0,w1,... (one per cross-attention layer)")
+    parser.add_argument("--image-importance", action=argparse.BooleanOptionalAction, default=False,
+                        help="weight CATP votes by the attention each image token receives in the last vision layer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' method (fixed in the graph)")
+    parser.add_argument("--positions", default="original", help="original | compact (default original)")
+    parser.add_argument("--precision", default="fp32", help="fp32 | fp16 (score math stays fp32)")
+    parser.add_argument("--backend", default="onnx", help="onnx (trt: not yet)")
+    parser.add_argument("--prompt-template", default=None, help="prompt with {} for the question (default: the model family's, e.g. 'Question: {} Answer:')")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime sends at once (default 8)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default engines/<model>-<method>-r<ratio>/)")
+    parser.add_argument("--check", action="store_true", help="run the parity check against PyTorch right after the export")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--external-data-threshold", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def default_model() -> Path:
+    from export.tiny import make_tiny_blip2
+
+    folder = ENGINES / "_models" / "tiny-blip2-random"
+    if not (folder / "config.json").is_file():
+        print(f"no --model given: creating {DEFAULT_MODEL_NOTE}: {folder}", file=sys.stderr)
+        make_tiny_blip2(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with cli_errors("build.py"):
+        from export.builder import BuildOptions, build, validate
+        from export.pruning import PruningConfig
+        from export.tracing import TWO_GB
+
+        options = BuildOptions(
+            model=args.model,
+            out=args.out,
+            pruning=PruningConfig(
+                method=args.method,
+                ratio=args.ratio,
+                layer_weights=args.layer_weights,
+                image_importance=args.image_importance,
+                seed=args.seed,
+            ),
+            positions=args.positions,
+            precision=args.precision,
+            backend=args.backend,
+            prompt_template=args.prompt_template,
+            max_batch=args.max_batch,
+            opset=args.opset,
+            external_data_threshold=args.external_data_threshold if args.external_data_threshold is not None else TWO_GB,
+        )
+        validate(options)  # bad flags fail before anything is loaded or written
+        if options.model is None:
+            options.model = default_model()
+        out = build(options, ENGINES, quiet=args.quiet)
+        print(out)
+        if args.check:
+            from runtime.parity import run_parity
+
+            report = run_parity(out, quiet=args.quiet)
+            return 0 if report["passed"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

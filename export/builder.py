@@ -1,0 +1,142 @@
+"""Build an engines folder: load the checkpoint through its adapter, trace every graph, write the manifest.
+
+The folder is assembled in a hidden sibling and renamed into place only when complete, so a failure never
+leaves a half-written ``--out``.
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from export import adapters, pruning
+from export.pruning import PruningConfig
+from export.tracing import DEFAULT_OPSET, EXPORTER, TWO_GB, export_graph
+from runtime.errors import UnsupportedError, UsageError
+from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.pipeline import POSITION_POLICIES
+
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnx", "trt")
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    out: Path | None = None
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    positions: str = "original"
+    precision: str = "fp32"
+    backend: str = "onnx"
+    prompt_template: str | None = None
+    max_batch: int = 8
+    opset: int = DEFAULT_OPSET
+    external_data_threshold: int = TWO_GB
+
+
+def default_out(options: BuildOptions, engines_root: Path) -> Path:
+    ratio = f"{options.pruning.ratio:g}"
+    return engines_root / f"{options.model.name}-{options.pruning.method}-r{ratio}"
+
+
+def validate(options: BuildOptions) -> None:
+    """Every check that needs no model, so bad flags fail in a second."""
+    pruning.keep_count(32, options.pruning.ratio)  # ratio range
+    pruning.check_method(options.pruning.method)
+    if options.positions not in POSITION_POLICIES:
+        raise UsageError(f"--positions must be one of {', '.join(POSITION_POLICIES)}, got {options.positions!r}")
+    if options.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
+    if options.backend == "trt":
+        raise UnsupportedError(
+            "--backend trt: TensorRT engine building is not implemented yet (planned in its own issue); "
+            "build with --backend onnx and run the graphs with onnxruntime"
+        )
+    if options.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {options.max_batch}")
+    if options.prompt_template is not None and "{}" not in options.prompt_template:
+        raise UsageError(f"--prompt-template must contain '{{}}' where the question goes, got {options.prompt_template!r}")
+    if options.pruning.layer_weights not in pruning.LAYER_WEIGHT_PRESETS:
+        # a custom list: check it is numeric now; its length is checked against the model later
+        pruning.parse_layer_weights(options.pruning.layer_weights, len(options.pruning.layer_weights.split(",")))
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("vtprune", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class Progress:
+    """Numbered steps with timings on stderr."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.step, self.quiet = total, 0, quiet
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.step += 1
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.step}/{self.total}] {message}  (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+
+def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Path:
+    validate(options)
+    out = Path(options.out) if options.out else default_out(options, engines_root)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise UsageError(f"--out {out} exists and is not an engines folder; choose an empty or new folder")
+
+    adapter_cls = adapters.detect(options.model)
+    progress = Progress(total=3 + 4, quiet=quiet)
+    progress(f"loading {adapter_cls.name} checkpoint {options.model}")
+    adapter = adapter_cls(options.model, options.precision)
+    resolved = adapter.resolve(options.pruning, options.positions)
+    prompt_template = options.prompt_template or adapter.default_prompt_template
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graph_specs = {}
+        for graph in adapter.graphs(resolved):
+            progress(f"tracing {graph.name} graph")
+            graph_specs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
+        progress("writing tokenizer, preprocessing settings and manifest")
+        tokenizer_file = adapter.save_tokenizer(staging)
+        text = adapter.text_settings(prompt_template)
+        text["tokenizer"] = tokenizer_file
+        manifest = Manifest(
+            family=adapter.name,
+            model=adapter.model_info(),
+            pruning=resolved,
+            precision=options.precision,
+            opset=options.opset,
+            exporter=EXPORTER,
+            versions=tool_versions(),
+            text=text,
+            preprocess=adapter.preprocess_settings(),
+            language_model=adapter.language_model_settings(),
+            graphs=graph_specs,
+            max_batch=options.max_batch,
+            backend=options.backend,
+        )
+        manifest.write(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"done: {out} (k={resolved['k']} of {resolved['num_visual_tokens']})")
+    return out

@@ -1,0 +1,269 @@
+"""The pruning math, in one module: scoring visual tokens and selecting a static number of them.
+
+Everything here is a small pure torch function that traces to plain ONNX ops (no data-dependent shapes), so the
+same code is the PyTorch reference and the exported graph. Methods are described in ``shared/papers.md``.
+
+Conventions
+-----------
+- ``ratio`` is the fraction of visual tokens *removed*; ``k = max(1, round(N * (1 - ratio)))`` are kept.
+- A score is "higher is more important". On equal scores the **lower index wins**, in eager PyTorch and in
+  the exported graph alike (ONNX ``TopK`` returns the lower index first on ties; eager mode uses a stable sort).
+- Kept tokens stay in their original order: ``kept_indices`` is ascending.
+- Score math is float32 whatever the precision of the model.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from runtime.errors import UsageError
+
+# --------------------------------------------------------------------------------------------------- config
+
+LAYER_WEIGHT_PRESETS = ("uniform", "first", "last", "first+last")
+
+
+def keep_count(num_tokens: int, ratio: float) -> int:
+    """``k = max(1, round(N * (1 - ratio)))``; ``ratio`` must lie in ``[0, 1)``."""
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise UsageError(f"--ratio must lie in [0, 1) (the fraction of visual tokens removed), got {ratio}")
+    return max(1, int(round(num_tokens * (1.0 - ratio))))
+
+
+def parse_layer_weights(spec: str, num_layers: int) -> list[float]:
+    """``uniform|first|last|first+last|w0,w1,...`` → one weight per cross-attention layer."""
+    spec = spec.strip()
+    if spec == "uniform":
+        return [1.0] * num_layers
+    if spec == "first":
+        return [1.0] + [0.0] * (num_layers - 1)
+    if spec == "last":
+        return [0.0] * (num_layers - 1) + [1.0]
+    if spec == "first+last":
+        return [1.0 if i in (0, num_layers - 1) else 0.0 for i in range(num_layers)]
+    parts = [p for p in re.split(r"[,\s]+", spec) if p]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(
+            f"--layer-weights must be one of {', '.join(LAYER_WEIGHT_PRESETS)} or a comma-separated list of "
+            f"numbers, got {spec!r}"
+        ) from None
+    if len(weights) != num_layers:
+        raise UsageError(
+            f"--layer-weights has {len(weights)} weight(s) but the model has {num_layers} cross-attention "
+            f"layer(s); give exactly one weight per layer"
+        )
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(f"--layer-weights must be finite, non-negative and not all zero, got {spec!r}")
+    return weights
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What the user asked for; resolved against a model by the adapter (``k``, weights per layer)."""
+
+    method: str = "catp"
+    ratio: float = 0.5
+    layer_weights: str = "uniform"
+    image_importance: bool = False
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------- signals
+
+
+@dataclass
+class Signals:
+    """What a model exposes to the scoring functions, for one batch.
+
+    cross_attentions: per cross-attention layer, ``(B, heads, Q, P)`` probabilities of queries over image tokens.
+    self_attentions:  per layer, ``(B, heads, Q, Q)`` probabilities among the queries.
+    tokens:           ``(B, Q, D)`` the candidate tokens themselves (for ``l2``).
+    vision_attention: ``(B, heads, P, P)`` last vision self-attention layer (for image-token importance), or None.
+    """
+
+    tokens: torch.Tensor
+    cross_attentions: Sequence[torch.Tensor] = field(default_factory=tuple)
+    self_attentions: Sequence[torch.Tensor] = field(default_factory=tuple)
+    vision_attention: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+def stable_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rank of every element along ``dim``: 0 for the lowest … n-1 for the highest, as float32.
+
+    Counting instead of sorting makes it exact and backend-independent: an element's rank is the number of
+    elements below it, plus the number of equal elements at a lower index (a stable order, so ranks are a
+    permutation even on ties). Cost is O(n²) along ``dim`` — meant for the Q = 32 queries of a Q-Former.
+    """
+    last = values.dim() - 1
+    dim = dim % values.dim()
+    values = values.float().transpose(dim, last)  # (..., n): positive axes, so the ONNX Transpose perm is valid
+    n = values.shape[-1]
+    lhs = values.unsqueeze(-1)  # (..., n, 1): the element being ranked
+    rhs = values.unsqueeze(-2)  # (..., 1, n): every element it is compared with
+    index = torch.arange(n, device=values.device)
+    lower_index = (index.view(n, 1) > index.view(1, n))  # (n, n): rhs index is lower than lhs index
+    below = (rhs < lhs) | ((rhs == lhs) & lower_index)  # (..., n, n)
+    ranks = below.to(torch.float32).sum(-1)  # (..., n)
+    return ranks.transpose(dim, last)
+
+
+def image_token_weights(vision_attention: torch.Tensor) -> torch.Tensor:
+    """``u[b, j]``: attention image token ``j`` receives in the last vision layer, normalised to mean 1.
+
+    vision_attention: (B, heads, P, P) → (B, P). Summed over heads and query rows.
+    """
+    received = vision_attention.float().sum(dim=(1, 2))  # (B, P)
+    return received / received.sum(-1, keepdim=True) * received.shape[-1]
+
+
+def catp_scores(
+    cross_attentions: Sequence[torch.Tensor],
+    layer_weights: Sequence[float],
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CATP rank voting (papers.md).
+
+    R_l[b,h,:,j] = rank of A_l[b,h,:,j] among the Q queries (0 lowest … Q-1 highest)
+    score[b,q]   = Σ_l w_l · Σ_h Σ_j u[b,j] · R_l[b,h,q,j]
+    ``token_weights`` is ``u`` (B, P); None means u = 1.
+    """
+    if len(cross_attentions) != len(layer_weights):
+        raise UsageError(
+            f"{len(layer_weights)} layer weight(s) for {len(cross_attentions)} cross-attention layer(s)"
+        )
+    score = None
+    for weight, probs in zip(layer_weights, cross_attentions):
+        if weight == 0.0:
+            continue
+        ranks = stable_ranks(probs, dim=2)  # (B, heads, Q, P): every (head, image token) ranks all queries
+        if token_weights is not None:
+            ranks = ranks * token_weights[:, None, None, :]  # votes weighted by image-token importance
+        votes = ranks.sum(dim=(1, 3)) * float(weight)  # (B, Q)
+        score = votes if score is None else score + votes
+    assert score is not None, "at least one layer weight must be non-zero"
+    return score
+
+
+def l2_scores(tokens: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each candidate token: (B, Q, D) → (B, Q)."""
+    return tokens.float().norm(dim=-1)
+
+
+def self_attention_scores(self_attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SpAtten-style: attention each query *receives*, summed over layers, heads and query rows → (B, Q)."""
+    total = None
+    for probs in self_attentions:  # (B, heads, Q, Q)
+        received = probs.float().sum(dim=(1, 2))  # (B, Q)
+        total = received if total is None else total + received
+    assert total is not None, "no self-attention layers"
+    return total
+
+
+def random_scores(batch_like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random score per token, a constant baked into the graph: the same tokens for every input."""
+    batch, num_tokens = batch_like.shape[0], batch_like.shape[1]
+    generator = torch.Generator().manual_seed(int(seed))
+    constant = torch.rand(num_tokens, generator=generator).to(batch_like.device)  # (N,)
+    return constant.unsqueeze(0).expand(batch, num_tokens)  # (B, N)
+
+
+def first_k_scores(batch_like: torch.Tensor) -> torch.Tensor:
+    """Equal scores: the lower-index tie rule keeps the first k tokens."""
+    return torch.zeros_like(batch_like[..., 0], dtype=torch.float32)  # (B, N)
+
+
+# A scoring method: (signals, resolved layer weights, config) -> scores (B, Q)
+ScoreFn = Callable[[Signals, Sequence[float], PruningConfig], torch.Tensor]
+
+
+def _catp(signals: Signals, layer_weights: Sequence[float], config: PruningConfig) -> torch.Tensor:
+    token_weights = None
+    if config.image_importance:
+        if signals.vision_attention is None:
+            raise UsageError("--image-importance needs the vision encoder's last attention layer")
+        token_weights = image_token_weights(signals.vision_attention)
+    return catp_scores(signals.cross_attentions, layer_weights, token_weights)
+
+
+METHODS: dict[str, ScoreFn] = {
+    "catp": _catp,
+    "l2": lambda s, w, c: l2_scores(s.tokens),
+    "self-attn": lambda s, w, c: self_attention_scores(s.self_attentions),
+    "random": lambda s, w, c: random_scores(s.tokens, c.seed),
+    "first-k": lambda s, w, c: first_k_scores(s.tokens),
+}
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def score_tokens(signals: Signals, layer_weights: Sequence[float], config: PruningConfig) -> torch.Tensor:
+    check_method(config.method)
+    return METHODS[config.method](signals, layer_weights, config)
+
+
+# --------------------------------------------------------------------------------------------------- selection
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _top_indices(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Indices of the ``count`` largest (or smallest) scores, ties → lower index first. (B, N) → (B, count).
+
+    Exported: ONNX ``TopK`` (documented to return the lower index first on ties). Eager: a stable sort, which
+    has the same tie order. ``torch.topk`` alone promises no tie order.
+    """
+    if _exporting():
+        return torch.topk(scores, count, dim=-1, largest=largest, sorted=True).indices
+    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    return order[:, :count]
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Static top-k selection, kept in original order. scores (B, N) float32 → kept_indices (B, k) int64.
+
+    TensorRT limits ``TopK`` to K ≤ 3840, so the selection runs TopK on ``min(k, N - k)`` elements: the ``k``
+    best when k ≤ N/2, else the ``N - k`` worst (dropped), then builds a keep-mask and compacts it in order with a
+    cumsum and a scatter. Ties: the lower index is kept.
+    """
+    batch, num_tokens = scores.shape
+    if not 1 <= k <= num_tokens:
+        raise UsageError(f"k must lie in [1, {num_tokens}], got {k}")
+    positions = torch.arange(num_tokens, device=scores.device)  # (N,)
+    if k == num_tokens:
+        return positions.unsqueeze(0).expand(batch, num_tokens).clone()
+    scores = scores.float()
+    if k <= num_tokens - k:
+        best = _top_indices(scores, k, largest=True)  # (B, k)
+        keep_mask = torch.zeros_like(scores).scatter(1, best, 1.0)  # (B, N)
+    else:
+        # Drop the N - k worst. On ties the *higher* index must go first: flip, so TopK's lower-index-first rule
+        # picks the higher original index.
+        flipped = torch.flip(scores, dims=[1])
+        worst = (num_tokens - 1) - _top_indices(flipped, num_tokens - k, largest=False)  # (B, N - k)
+        keep_mask = torch.ones_like(scores).scatter(1, worst, 0.0)  # (B, N)
+    keep = keep_mask > 0.5
+    slot = torch.cumsum(keep_mask, dim=1).long() - 1  # (B, N) place of each kept token among the kept
+    slot = torch.where(keep, slot, torch.full_like(slot, k))  # dropped tokens go to a spare slot k
+    kept = torch.zeros(batch, k + 1, dtype=torch.long, device=scores.device)
+    kept = kept.scatter(1, slot, positions.unsqueeze(0).expand(batch, num_tokens))  # (B, k + 1)
+    return kept[:, :k]
+
+
+def gather_tokens(tokens: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
+    """(B, N, D), (B, k) → (B, k, D)."""
+    index = kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, k, D)
+    return torch.gather(tokens, 1, index)

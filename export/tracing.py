@@ -1,0 +1,104 @@
+"""Trace a ``GraphExport`` to ONNX, check it, and save it (external data when large).
+
+The TorchScript-based exporter (``torch.onnx.export(dynamo=False)``) is used: it handles the HF modules and
+the explicit KV cache with named dynamic axes in seconds. Every graph then passes ``onnx.checker`` (full check)
+and strict shape inference, run on the file path so graphs over 2 GB work too.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.adapters.base import GraphExport
+from runtime.manifest import GraphSpec, TensorSpec
+
+DEFAULT_OPSET = 17
+TWO_GB = 2 * 1024**3
+EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
+
+
+def _elem_type_name(elem_type: int) -> str:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = [
+            dim.dim_param if dim.dim_param else int(dim.dim_value) for dim in tensor_type.shape.dim
+        ]
+        specs.append(TensorSpec(name=value.name, shape=shape, dtype=_elem_type_name(tensor_type.elem_type)))
+    return specs
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(
+        int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        for t in model.graph.initializer
+    )
+
+
+def export_graph(
+    graph: GraphExport,
+    folder: Path,
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold: int = TWO_GB,
+) -> GraphSpec:
+    """Trace ``graph`` into ``folder/<name>.onnx`` and return its manifest entry."""
+    scratch = folder / f".trace-{graph.name}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    traced = scratch / f"{graph.name}.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph.module,
+            graph.args,
+            str(traced),
+            dynamo=False,
+            input_names=graph.input_names,
+            output_names=graph.output_names,
+            dynamic_axes=graph.dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(traced), load_external_data=True)
+    model.producer_name = "vtprune"
+    onnx.helper.set_model_props(model, {"vtprune.graph": graph.name})
+
+    final = folder / f"{graph.name}.onnx"
+    external = None
+    if initializer_bytes(model) > external_data_threshold:
+        external = f"{graph.name}.onnx.data"
+        onnx.save_model(
+            model, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024
+        )
+    else:
+        onnx.save_model(model, str(final))
+    for path in scratch.iterdir():
+        path.unlink()
+    scratch.rmdir()
+
+    check_graph(final)
+    header = onnx.load(str(final), load_external_data=False)
+    return GraphSpec(
+        file=final.name,
+        inputs=_tensor_specs(header.graph.input),
+        outputs=_tensor_specs(header.graph.output),
+        external_data=external,
+    )
+
+
+def check_graph(path: Path) -> None:
+    """``onnx.checker`` (full) and strict shape inference, by path (works past the 2 GB protobuf limit)."""
+    onnx.checker.check_model(str(path), full_check=True)
+    inferred = path.with_name(path.name + ".inferred")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+    finally:
+        if inferred.exists():
+            inferred.unlink()
