@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Parity: run the exported graphs and the PyTorch reference on the same inputs and compare every stage.
+
+    python runtime/parity.py --engines engines/X            # writes engines/X/parity.json, exit 1 on failure
+
+Stages: ``preprocess`` (runtime pixel values vs the HF image processor), ``tokenize`` (runtime ids vs the HF
+tokenizer), ``visual`` (scores, kept-index sets with near-tie analysis, query embeddings), ``embed``,
+``prefill`` and ``decode`` (logits and caches, each graph fed the reference's own inputs), ``generation`` (the
+whole ONNX pipeline's greedy tokens vs the reference pipeline's) and ``hf_anchor`` (the reference's tokens vs
+HF ``generate`` where HF can express the configuration: ratio 0, or compact positions).
+
+The reference is the HF model with the same pruning module (``export/``), imported lazily here: the runtime
+itself never imports torch. Float tensors are compared with Polygraphy's ``SimpleCompareFunc``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo importable, and never shadow top-level modules
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from runtime.errors import ManifestError, UsageError, cli_errors  # noqa: E402
+
+# Tolerances per precision of the exported graphs (the reference always runs fp32).
+TOLERANCES = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999, "score_rtol": 1e-5, "pixel_atol": 1e-5},
+    "fp16": {"atol": 5e-2, "rtol": 5e-2, "min_cosine": 0.999, "score_rtol": 5e-3, "pixel_atol": 1e-5},
+}
+DEFAULT_QUESTIONS = ("what color is the shape?", "how many shapes are there?", "is there a circle in the image?")
+
+
+def default_images(count: int, seed: int = 0):
+    """Deterministic synthetic test images of different sizes (the engines need no data set to be checked)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        height, width = 40 + 13 * index, 56 - 7 * index
+        canvas = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+        canvas[height // 4 : height // 2, width // 3 : 2 * width // 3] = rng.integers(0, 255, size=3, dtype=np.uint8)
+        images.append(Image.fromarray(canvas))
+    return images
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def tensor_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    ref = reference.astype(np.float64).ravel()
+    act = actual.astype(np.float64).ravel()
+    diff = np.abs(ref - act)
+    denom = np.linalg.norm(ref) * np.linalg.norm(act)
+    return {
+        "max_abs": float(diff.max(initial=0.0)),
+        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)),
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "cosine": float(ref @ act / denom) if denom > 0 else float(np.array_equal(ref, act)),
+    }
+
+
+def compare_tensors(
+    reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], names: list[str], tol: dict[str, float]
+) -> dict[str, Any]:
+    """Polygraphy's SimpleCompareFunc (elementwise atol/rtol) + max abs, max rel and cosine per tensor."""
+    with contextlib.redirect_stdout(io.StringIO()):  # polygraphy prints a notice about colours on import
+        from polygraphy.comparator.compare import SimpleCompareFunc
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    tensors = {}
+    same_shape = [n for n in names if reference[n].shape == actual[n].shape]
+    compare = SimpleCompareFunc(check_shapes=True, atol=tol["atol"], rtol=tol["rtol"])
+    verdicts = compare(
+        IterationResult({n: np.ascontiguousarray(reference[n], dtype=np.float32) for n in same_shape}, runner_name="pytorch"),
+        IterationResult({n: np.ascontiguousarray(actual[n], dtype=np.float32) for n in same_shape}, runner_name="onnx"),
+    )
+    for name in names:
+        if name not in same_shape:
+            tensors[name] = {"passed": False, "shape_reference": list(reference[name].shape), "shape_onnx": list(actual[name].shape)}
+            continue
+        stats = tensor_stats(reference[name], actual[name])
+        stats["passed"] = bool(verdicts[name]) and stats["cosine"] >= tol["min_cosine"]
+        tensors[name] = stats
+    return {"passed": all(t["passed"] for t in tensors.values()), "tensors": tensors}
+
+
+def compare_kept_sets(ref_scores: np.ndarray, ref_kept: np.ndarray, kept: np.ndarray, tol: float) -> dict[str, Any]:
+    """Kept-index *sets* per row. A differing token counts as a near-tie only if its reference score lies within
+    ``tol`` of the reference's k-th best score (the selection boundary); anything else is a mismatch."""
+    rows = []
+    near_ties = mismatches = 0
+    k = ref_kept.shape[1]
+    for row in range(ref_kept.shape[0]):
+        expected, got = set(ref_kept[row].tolist()), set(kept[row].tolist())
+        if expected == got:
+            rows.append({"row": row, "equal": True})
+            continue
+        boundary = float(np.sort(ref_scores[row])[::-1][k - 1])
+        scale = max(float(np.abs(ref_scores[row]).max()), 1e-12)
+        differing = sorted(expected ^ got)
+        gaps = {int(i): abs(float(ref_scores[row, i]) - boundary) for i in differing}
+        tie = all(gap <= tol * scale for gap in gaps.values())
+        near_ties += int(tie)
+        mismatches += int(not tie)
+        rows.append({"row": row, "equal": False, "near_tie": tie, "only_reference": sorted(expected - got),
+                     "only_onnx": sorted(got - expected), "boundary_gaps": gaps})
+    return {"passed": mismatches == 0, "rows": rows, "near_ties": near_ties, "mismatches": mismatches}
+
+
+def compare_tokens(reference: list[list[int]], actual: list[list[int]], margins: list[list[float]], tol: float) -> dict[str, Any]:
+    """Greedy tokens per row. A divergence is a near-tie when the reference's top-2 logit margin at the first
+    differing step is within ``tol`` (either pick is a correct greedy decode within the tolerance)."""
+    rows = []
+    near_ties = mismatches = 0
+    for row, (ref, act) in enumerate(zip(reference, actual)):
+        if ref == act:
+            rows.append({"row": row, "equal": True, "tokens": ref})
+            continue
+        step = next((i for i, (a, b) in enumerate(zip(ref, act)) if a != b), min(len(ref), len(act)))
+        margin = margins[row][step] if step < len(margins[row]) else float("inf")
+        tie = margin <= tol
+        near_ties += int(tie)
+        mismatches += int(not tie)
+        rows.append({"row": row, "equal": False, "near_tie": tie, "first_difference": step, "reference_margin": margin,
+                     "reference": ref, "onnx": act})
+    return {"passed": mismatches == 0, "rows": rows, "near_ties": near_ties, "mismatches": mismatches}
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+class _RecordingRunner:
+    """Wraps a runner and keeps every call's feeds and outputs (to replay the reference's inputs)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.calls: list[tuple[dict, dict]] = []
+
+    def run(self, feeds):
+        outputs = self.runner.run(feeds)
+        self.calls.append((feeds, outputs))
+        return outputs
+
+
+def run_parity(
+    engines: str | Path,
+    images=None,
+    questions: list[str] | None = None,
+    backend: str = "ort-cpu",
+    max_new_tokens: int = 8,
+    model: str | Path | None = None,
+    out_json: str | Path | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report."""
+    from runtime.backends import load_runners
+    from runtime.manifest import Manifest
+    from runtime.pipeline import make_pipeline
+
+    say = (lambda *_: None) if quiet else (lambda msg: print(f"parity: {msg}", file=sys.stderr, flush=True))
+    manifest = Manifest.load(engines)
+    tol = TOLERANCES[manifest.precision]
+    questions = list(questions or DEFAULT_QUESTIONS)
+    images = images if images is not None else default_images(len(questions))
+    if len(images) != len(questions):
+        raise UsageError(f"{len(images)} image(s) for {len(questions)} question(s)")
+
+    say("loading the PyTorch reference")
+    from export import adapters  # lazy: torch lives in export/
+
+    source = Path(model or manifest.model["source"])
+    adapter = adapters.get(manifest.family)(source, precision="fp32")
+    if adapter.model_info()["config_sha256"] != manifest.model["config_sha256"]:
+        raise ManifestError(f"{source}: config differs from the one the engines were built from (config_sha256)")
+
+    reference_runners = {name: _RecordingRunner(r) for name, r in adapter.torch_runners(manifest.pruning).items()}
+    onnx_runners = {name: _RecordingRunner(r) for name, r in load_runners(manifest, backend).items()}
+    reference = make_pipeline(manifest, reference_runners)
+    reference.float_dtype = np.dtype(np.float32)  # the reference stays fp32 end to end, whatever the graphs' precision
+    onnx = make_pipeline(manifest, onnx_runners)
+    stages: dict[str, Any] = {}
+
+    # -- preprocess and tokenize: runtime vs HF ------------------------------------------------------------
+    say("preprocess + tokenize")
+    hf_pixels = adapter.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+    pixels = onnx.preprocess(images)
+    stats = tensor_stats(hf_pixels, pixels) if hf_pixels.shape == pixels.shape else {"max_abs": float("inf")}
+    stages["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"], "shape": list(pixels.shape), **stats}
+    prompts = [onnx.prompt_template.replace("{}", q, 1) for q in questions]
+    hf_ids = [list(adapter.processor.tokenizer(p).input_ids) for p in prompts]
+    ids = onnx.encode_questions(questions)
+    stages["tokenize"] = {"passed": hf_ids == ids, "prompts": prompts, "hf_ids": hf_ids, "runtime_ids": ids}
+
+    # -- end to end, both pipelines on HF's pixel values -----------------------------------------------------
+    say("generation: PyTorch reference")
+    margins: list[list[float]] = []
+    ref_answers = _answer_with_margins(reference, hf_pixels, questions, max_new_tokens, margins)
+    say(f"generation: ONNX ({backend})")
+    onnx_answers = onnx.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=hf_pixels)
+
+    # -- per graph, each fed the reference's inputs ------------------------------------------------------
+    say("visual / embed / prefill / decode graphs")
+    ref_visual_feeds, ref_visual = _concat_calls(reference_runners["visual"].calls)
+    onnx_visual = onnx_runners["visual"].runner.run(ref_visual_feeds)
+    visual = {
+        "scores": compare_tensors(ref_visual, onnx_visual, ["scores"], {**tol, "rtol": tol["score_rtol"]}),
+        "kept_indices": compare_kept_sets(ref_visual["scores"], ref_visual["kept_indices"], onnx_visual["kept_indices"], tol["score_rtol"]),
+    }
+    same_rows = [r["row"] for r in visual["kept_indices"]["rows"] if r["equal"]]
+    visual["query_embeds"] = compare_tensors(
+        {"query_embeds": ref_visual["query_embeds"][same_rows]}, {"query_embeds": onnx_visual["query_embeds"][same_rows]},
+        ["query_embeds"], tol,
+    )
+    visual["query_embeds"]["rows_compared"] = len(same_rows)
+    visual["passed"] = all(v["passed"] for v in visual.values())
+    stages["visual"] = visual
+    for graph in ("embed", "prefill", "decode"):
+        calls = reference_runners[graph].calls
+        if not calls:
+            stages[graph] = {"passed": True, "skipped": "the reference never ran this graph (EOS at once)"}
+            continue
+        feeds, ref_out = calls[0]
+        onnx_out = onnx_runners[graph].runner.run(_cast_feeds(feeds, manifest.graphs[graph]))
+        stages[graph] = compare_tensors(ref_out, onnx_out, list(ref_out), tol)
+
+    ref_tokens = [a.token_ids for a in ref_answers]
+    stages["generation"] = compare_tokens(ref_tokens, [a.token_ids for a in onnx_answers], margins, tol["atol"])
+    stages["generation"]["answers"] = [
+        {"question": q, "reference": r.answer, "onnx": o.answer} for q, r, o in zip(questions, ref_answers, onnx_answers)
+    ]
+
+    # -- anchor the reference to HF itself ------------------------------------------------------------------
+    say("anchor: HF generate")
+    stages["hf_anchor"] = hf_anchor(adapter, manifest, images, questions, ref_tokens, ref_visual, max_new_tokens, onnx)
+
+    report = {
+        "engines": str(Path(engines)),
+        "backend": backend,
+        "precision": manifest.precision,
+        "tolerances": tol,
+        "samples": len(questions),
+        "pruning": manifest.pruning,
+        "stages": stages,
+        "passed": all(stage["passed"] for stage in stages.values()),
+    }
+    out_path = Path(out_json) if out_json else Path(engines) / "parity.json"
+    out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    if not quiet:
+        for name, stage in stages.items():
+            print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
+        print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
+    return report
+
+
+def hf_anchor(adapter, manifest, images, questions, ref_tokens, ref_visual, max_new_tokens, pipeline) -> dict[str, Any]:
+    """The reference's greedy tokens vs Hugging Face's own ``generate`` where HF can express the configuration."""
+    import torch
+
+    ratio, positions = manifest.pruning["ratio"], manifest.pruning["positions"]
+    model, processor = adapter.model, adapter.processor
+    prompts = [pipeline.prompt_template.replace("{}", q, 1) for q in questions]
+    hf_tokens = []
+    kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0)
+    with torch.no_grad():
+        if ratio == 0:
+            mode = "Blip2ForConditionalGeneration.generate (no pruning)"
+            for image, prompt in zip(images, prompts):
+                inputs = processor(images=image, text=prompt, return_tensors="pt")
+                output = model.generate(**inputs, **kwargs)
+                hf_tokens.append(output[0, inputs["input_ids"].shape[1]:].tolist())
+        elif positions == "compact":
+            mode = "language_model.generate(inputs_embeds=[pruned query embeds, text embeds])"
+            lm = model.language_model
+            for row, prompt in enumerate(prompts):
+                text_ids = torch.tensor([processor.tokenizer(prompt).input_ids])
+                query_embeds = torch.from_numpy(ref_visual["query_embeds"][row : row + 1])
+                embeds = torch.cat([query_embeds, lm.get_input_embeddings()(text_ids)], dim=1)
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+                output = lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+                hf_tokens.append(output[0].tolist())
+        else:
+            return {"passed": True, "applicable": False,
+                    "why": "HF has no form of original positions with pruned queries; covered by the reference"}
+    eos = set(manifest.text["eos_token_ids"])
+    hf_tokens = [_strip_after_eos(t, eos) for t in hf_tokens]
+    return {"passed": hf_tokens == ref_tokens, "applicable": True, "mode": mode, "hf": hf_tokens, "reference": ref_tokens}
+
+
+def _strip_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    out = []
+    for token in tokens:
+        if token in eos:
+            break
+        out.append(token)
+    return out
+
+
+def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, margins_out):
+    """Run the reference pipeline, recording each row's top-2 logit margin at every greedy step."""
+    decode_runner = pipeline.runners["decode"]
+    prefill_runner = pipeline.runners["prefill"]
+    steps: list[np.ndarray] = []
+
+    class Margins:
+        def __init__(self, runner):
+            self.runner, self.input_names, self.output_names = runner, runner.input_names, runner.output_names
+
+        def run(self, feeds):
+            outputs = self.runner.run(feeds)
+            top2 = np.sort(outputs["logits"], axis=-1)[:, -2:]
+            steps.append(top2[:, 1] - top2[:, 0])
+            return outputs
+
+    pipeline.runners["prefill"], pipeline.runners["decode"] = Margins(prefill_runner), Margins(decode_runner)
+    try:
+        answers = pipeline.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=pixel_values)
+    finally:
+        pipeline.runners["prefill"], pipeline.runners["decode"] = prefill_runner, decode_runner
+    for row in range(len(questions)):
+        margins_out.append([float(step[row]) for step in steps if row < len(step)])
+    return answers
+
+
+def _concat_calls(calls):
+    feeds = {name: np.concatenate([c[0][name] for c in calls]) for name in calls[0][0]}
+    outputs = {name: np.concatenate([c[1][name] for c in calls]) for name in calls[0][1]}
+    return feeds, outputs
+
+
+def _cast_feeds(feeds, spec):
+    return {t.name: feeds[t.name].astype(np.dtype(t.dtype)) for t in spec.inputs}
+
+
+def _stage_note(stage: dict) -> str:
+    notes = []
+    for key in ("near_ties", "mismatches"):
+        if stage.get(key):
+            notes.append(f"{key}={stage[key]}")
+    if "tensors" in stage:
+        worst = max(stage["tensors"].values(), key=lambda t: t.get("max_abs", float("inf")))
+        notes.append(f"max_abs={worst.get('max_abs', float('inf')):.2e}")
+    if stage.get("applicable") is False:
+        notes.append("n/a")
+    return f"  ({', '.join(notes)})" if notes else ""
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="parity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=None, help="reference checkpoint (default: the manifest's model source)")
+    parser.add_argument("--image", action="append", default=[], help="image (repeatable, with --question); default: synthetic images")
+    parser.add_argument("--question", action="append", default=[])
+    parser.add_argument("--backend", default="ort-cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="report path (default ENGINES/parity.json)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with cli_errors("parity.py"):
+        from runtime.preprocess import load_image
+
+        if len(args.image) != len(args.question):
+            raise UsageError("give one --question per --image")
+        images = [load_image(p) for p in args.image] or None
+        report = run_parity(args.engines, images, args.question or None, args.backend, args.max_new_tokens,
+                            args.model, args.out, args.quiet)
+        return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
