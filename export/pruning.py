@@ -239,7 +239,8 @@ def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     best when k ≤ N/2, else the ``N - k`` worst (dropped), then builds a keep-mask and compacts it in order with a
     cumsum and a scatter. Ties: the lower index is kept.
     """
-    batch, num_tokens = scores.shape
+    batch = scores.shape[0]
+    num_tokens = int(scores.shape[1])  # static N: a Python int, so every TopK K below is a graph constant
     if not 1 <= k <= num_tokens:
         raise UsageError(f"k must lie in [1, {num_tokens}], got {k}")
     positions = torch.arange(num_tokens, device=scores.device)  # (N,)

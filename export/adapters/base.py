@@ -53,6 +53,14 @@ class TorchRunner:
         }
 
 
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory warnings from transformers: our CLIs show their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 class ModelAdapter(ABC):
     name: ClassVar[str]  # family name, also the runtime pipeline's name
     architectures: ClassVar[tuple[str, ...]]  # HF ``architectures`` entries this adapter accepts
@@ -62,6 +70,7 @@ class ModelAdapter(ABC):
     def __init__(self, path: str | Path, precision: str = "fp32"):
         self.path = Path(path)
         self.precision = precision
+        quiet_transformers()
 
     @abstractmethod
     def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
