@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from runtime.errors import UsageError
@@ -171,8 +172,8 @@ def self_attention_scores(self_attentions: Sequence[torch.Tensor]) -> torch.Tens
 def random_scores(batch_like: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded random score per token, a constant baked into the graph: the same tokens for every input."""
     batch, num_tokens = batch_like.shape[0], batch_like.shape[1]
-    generator = torch.Generator().manual_seed(int(seed))
-    constant = torch.rand(num_tokens, generator=generator).to(batch_like.device)  # (N,)
+    values = np.random.default_rng(int(seed)).random(int(num_tokens), dtype=np.float64)  # numpy: a plain graph constant
+    constant = torch.tensor(values, dtype=torch.float32, device=batch_like.device)  # (N,)
     return constant.unsqueeze(0).expand(batch, num_tokens)  # (B, N)
 
 

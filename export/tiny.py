@@ -3,7 +3,7 @@
 Used by the tests and, until a trained default model ships, by ``build.py`` when no ``--model`` is given.
 The init traps of papers.md are handled: the vision tower's ``initializer_range`` defaults to 1e-10 (uniform
 attention, every score tied) and the query tokens start at zero (every query identical), so both are
-re-initialised here.
+re-initialised here; LayerNorm weights are drawn around (1, 0) so that token norms differ (``l2`` would tie).
 """
 from __future__ import annotations
 
@@ -103,6 +103,10 @@ def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), t
     model = Blip2ForConditionalGeneration(config).eval()
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 1.0)  # zero-initialised queries would all be identical
+        for module in model.modules():  # LayerNorms at (1, 0) make every Q-Former output the same norm (l2 ties)
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

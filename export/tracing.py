@@ -68,6 +68,7 @@ def export_graph(
         )
     model = onnx.load(str(traced), load_external_data=True)
     model.producer_name = "vtprune"
+    _declare_shapes(model, graph)
     onnx.helper.set_model_props(model, {"vtprune.graph": graph.name})
 
     final = folder / f"{graph.name}.onnx"
@@ -91,6 +92,29 @@ def export_graph(
         outputs=_tensor_specs(header.graph.output),
         external_data=external,
     )
+
+
+def _declare_shapes(model: onnx.ModelProto, graph: GraphExport) -> None:
+    """Write every input/output shape into the graph: the named dynamic axes as symbols, every other axis as the
+    static size seen when tracing. The tracer leaves some output dims as generated names (``Addquery_embeds_dim_1``)
+    although they are static (``k``); consumers (TensorRT profiles, the manifest) need them exact."""
+    with torch.no_grad():
+        outputs = graph.module(*graph.args)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    example_shapes = {name: tuple(t.shape) for name, t in zip(graph.input_names, graph.args)}
+    example_shapes.update({name: tuple(t.shape) for name, t in zip(graph.output_names, outputs)})
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name not in example_shapes:
+            continue
+        dynamic = graph.dynamic_axes.get(value.name, {})
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for axis, size in enumerate(example_shapes[value.name]):
+            dim = dims.add()
+            if axis in dynamic:
+                dim.dim_param = dynamic[axis]
+            else:
+                dim.dim_value = int(size)
 
 
 def check_graph(path: Path) -> None:

@@ -1,0 +1,286 @@
+"""Export of BLIP-2 + CATP: graphs, manifest, ORT parity (batch 1 and 3, fp16, both position policies, every
+method and preset), HF anchors, external data, bad flags and the parity negative control."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from export.builder import BuildOptions, build
+from export.pruning import PruningConfig
+from runtime.manifest import Manifest
+from runtime.parity import default_images, run_parity
+
+
+def parity(engines, count=3, **kwargs):
+    return run_parity(engines, images=default_images(count), questions=["what color is the shape?", "how many?",
+                      "is there a red circle in the picture?"][:count], quiet=True, **kwargs)
+
+
+def assert_one_error_line(result, message):
+    """A user-facing error: exit 2, exactly one ``error:`` line naming the problem, never a traceback."""
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def assert_passed(report):
+    failed = {name: stage for name, stage in report["stages"].items() if not stage["passed"]}
+    assert not failed, json.dumps(failed, indent=1, default=str)[:3000]
+
+
+# ------------------------------------------------------------------------------------------------ graphs + manifest
+
+
+def test_graphs_and_manifest(engines):
+    manifest = Manifest.load(engines)  # verifies every sha256
+    assert manifest.family == "blip2-opt"
+    assert set(manifest.graphs) == {"visual", "embed", "prefill", "decode"}
+    k, queries = manifest.k, manifest.num_visual_tokens
+    assert (k, queries) == (4, 8)
+    visual = manifest.graphs["visual"]
+    assert visual.input("pixel_values").shape == ["batch", 3, 32, 32]
+    assert visual.output("query_embeds").shape == ["batch", k, 32]  # static k
+    assert visual.output("kept_indices").dtype == "int64" and visual.output("kept_indices").shape == ["batch", k]
+    assert visual.output("scores").shape == ["batch", queries] and visual.output("scores").dtype == "float32"
+    assert manifest.graphs["prefill"].input("inputs_embeds").shape == ["batch", "prefill_len", 32]
+    assert manifest.graphs["decode"].input("past.0.key").shape == ["batch", 4, "past_len", 8]
+    for field in ("method", "ratio", "k", "num_visual_tokens", "layer_weights", "image_importance", "positions"):
+        assert field in manifest.pruning
+    assert manifest.pruning["layer_weights"] == [1.0, 1.0]
+    assert manifest.text["prompt_template"] == "Question: {} Answer:"
+    assert manifest.text["eos_token_ids"] and "pad_token_id" in manifest.text
+    assert manifest.model["config_sha256"] and manifest.opset == 17 and manifest.precision == "fp32"
+    assert {"torch", "transformers", "onnx"} <= set(manifest.versions)
+    assert set(manifest.files) >= {"visual.onnx", "embed.onnx", "prefill.onnx", "decode.onnx", "tokenizer.json"}
+    for graph in manifest.graphs.values():
+        onnx.checker.check_model(str(engines / graph.file), full_check=True)
+
+
+def test_tampered_file_is_refused(engines, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(engines, copy)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text() + " ")
+    result = run_cli("runtime/infer.py", "--engines", copy, "--image", "nothing.png", "--question", "q")
+    assert result.returncode == 2
+    assert "sha256" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_parity_batch_1_and_3(engines, count):
+    report = parity(engines, count)
+    assert_passed(report)
+    assert report["stages"]["visual"]["query_embeds"]["tensors"]["query_embeds"]["max_abs"] <= 1e-4
+    assert report["stages"]["prefill"]["tensors"]["logits"]["max_abs"] <= 1e-4
+
+
+def test_batched_answers_equal_single(engines):
+    from runtime.backends import load_runners
+    from runtime.pipeline import make_pipeline
+
+    manifest = Manifest.load(engines)
+    pipeline = make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
+    images = default_images(3)
+    questions = ["what color is the shape?", "how many?", "is there a red circle in the picture?"]
+    batched = pipeline.answer(images, questions, max_new_tokens=6)
+    single = [pipeline.answer([image], [question], max_new_tokens=6)[0] for image, question in zip(images, questions)]
+    assert [a.token_ids for a in batched] == [a.token_ids for a in single]
+    assert [a.kept_indices for a in batched] == [a.kept_indices for a in single]
+
+
+@pytest.mark.parametrize("method", ["catp", "l2", "self-attn", "random", "first-k"])
+def test_every_method_exports_with_parity(engines_factory, method):
+    report = parity(engines_factory(ratio=0.5, method=method), 2)
+    assert_passed(report)
+    kept = [row for row in report["stages"]["visual"]["kept_indices"]["rows"]]
+    assert all(row["equal"] for row in kept)
+
+
+def test_first_k_and_random_keep_fixed_tokens(engines_factory):
+    from runtime.backends import load_runners
+    from runtime.pipeline import make_pipeline
+
+    for method, check in (("first-k", lambda kept: kept == [[0, 1, 2, 3]] * 3), ("random", lambda kept: kept[0] == kept[1] == kept[2])):
+        manifest = Manifest.load(engines_factory(ratio=0.5, method=method))
+        pipeline = make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
+        answers = pipeline.answer(default_images(3), ["a", "b", "c"], max_new_tokens=1)
+        assert check([a.kept_indices for a in answers]), method
+
+
+@pytest.mark.parametrize("preset", ["first", "last", "first+last", "0.25,2"])
+@pytest.mark.parametrize("image_importance", [False, True])
+def test_layer_weight_presets_and_image_importance(engines_factory, preset, image_importance):
+    engines = engines_factory(ratio=0.5, layer_weights=preset, image_importance=image_importance)
+    manifest = Manifest.load(engines)
+    assert len(manifest.pruning["layer_weights"]) == 2 and manifest.pruning["image_importance"] is image_importance
+    assert_passed(parity(engines, 2))
+
+
+@pytest.mark.parametrize("ratio, k", [(0.0, 8), (0.9, 1), (0.3, 6)])
+def test_ratio_edges(engines_factory, ratio, k):
+    engines = engines_factory(ratio=ratio)
+    manifest = Manifest.load(engines)
+    assert manifest.k == k
+    assert manifest.graphs["visual"].output("kept_indices").shape == ["batch", k]
+    assert_passed(parity(engines, 2))
+
+
+def test_fp16_with_looser_tolerances(engines_factory):
+    engines = engines_factory(ratio=0.5, precision="fp16")
+    manifest = Manifest.load(engines)
+    assert manifest.precision == "fp16"
+    assert manifest.graphs["prefill"].input("inputs_embeds").dtype == "float16"
+    assert manifest.graphs["visual"].output("scores").dtype == "float32"  # score math stays fp32
+    report = parity(engines, 3)
+    assert_passed(report)
+    assert report["tolerances"]["atol"] > 1e-4
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_position_policies(engines_factory, positions):
+    engines = engines_factory(ratio=0.75, positions=positions)
+    report = parity(engines, 2)
+    assert_passed(report)
+    assert report["pruning"]["positions"] == positions
+    anchor = report["stages"]["hf_anchor"]
+    assert anchor["applicable"] is (positions == "compact")
+
+
+def test_position_policies_differ(engines_factory):
+    """Same kept tokens, different positions → the prefill inputs differ exactly as papers.md describes."""
+    from runtime.pipeline import prefill_positions
+
+    kept = np.array([[1, 3, 6]])
+    original = prefill_positions("original", kept, 8, [2], 3)
+    compact = prefill_positions("compact", kept, 8, [2], 3)
+    assert original.tolist() == [[1, 3, 6, -1, 8, 9]]
+    assert compact.tolist() == [[0, 1, 2, -1, 3, 4]]
+
+
+def test_hf_anchor_unpruned(engines_factory):
+    report = parity(engines_factory(ratio=0.0), 3)
+    assert_passed(report)
+    anchor = report["stages"]["hf_anchor"]
+    assert anchor["applicable"] and anchor["mode"].startswith("Blip2ForConditionalGeneration.generate")
+    assert anchor["hf"] == anchor["reference"]
+
+
+def test_hf_anchor_pruned_compact(engines_factory):
+    report = parity(engines_factory(ratio=0.5, positions="compact"), 3)
+    assert_passed(report)
+    assert report["stages"]["hf_anchor"]["mode"].startswith("language_model.generate")
+
+
+# ------------------------------------------------------------------------------------------------ external data
+
+
+def test_external_data_with_forced_threshold(tiny_blip2, tmp_path):
+    out = build(BuildOptions(model=tiny_blip2, out=tmp_path / "ext", pruning=PruningConfig(ratio=0.5),
+                             external_data_threshold=1), tmp_path, quiet=True)
+    manifest = Manifest.load(out)
+    for name, graph in manifest.graphs.items():
+        assert graph.external_data == f"{name}.onnx.data"
+        assert (out / graph.external_data).stat().st_size > 0
+        assert graph.external_data in manifest.files
+        header = onnx.load(str(out / graph.file), load_external_data=False)
+        assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
+    assert_passed(parity(out, 2))
+
+
+# ------------------------------------------------------------------------------------------------ CLI errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ratio", "1.0"], "[0, 1)"),
+    (["--ratio", "-0.2"], "[0, 1)"),
+    (["--method", "magic"], "unknown --method"),
+    (["--layer-weights", "1,2,3"], "3 weight(s) but the model has 2 cross-attention layer(s)"),
+    (["--layer-weights", "x,y"], "comma-separated"),
+    (["--positions", "diagonal"], "--positions"),
+    (["--precision", "int3"], "--precision"),
+    (["--backend", "trt"], "TensorRT"),
+    (["--prompt-template", "no placeholder"], "{}"),
+])
+def test_bad_flags_one_line_exit_2_nothing_written(tiny_blip2, tmp_path, flags, message):
+    out = tmp_path / "out"
+    result = run_cli("export/build.py", "--model", tiny_blip2, "--out", out, *flags)
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result, message)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder left behind
+
+
+def test_other_architecture_is_refused(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    result = run_cli("export/build.py", "--model", folder, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert_one_error_line(result, "unsupported architecture BertModel")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_processor_is_refused(tiny_blip2, tmp_path):
+    folder = tmp_path / "no-processor"
+    shutil.copytree(tiny_blip2, folder)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    result = run_cli("export/build.py", "--model", folder, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert_one_error_line(result, "no processor")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_folder(tmp_path):
+    result = run_cli("export/build.py", "--model", tmp_path / "nope", "--out", tmp_path / "out")
+    assert result.returncode == 2 and "model folder not found" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ negative control
+
+
+def perturb_initializer(engines, graph_name: str) -> str:
+    """Add noise to the largest float initializer of one graph and re-hash the manifest (a wrong build)."""
+    path = engines / f"{graph_name}.onnx"
+    model = onnx.load(str(path))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    target = max(floats, key=lambda t: int(np.prod(t.dims)))
+    values = onnx.numpy_helper.to_array(target).copy()
+    values += np.random.default_rng(0).normal(0, 0.05, values.shape).astype(values.dtype)
+    target.CopyFrom(onnx.numpy_helper.from_array(values, target.name))
+    onnx.save(model, str(path))
+    Manifest.load(engines, verify=False).write(engines)
+    return target.name
+
+
+@pytest.mark.parametrize("graph", ["visual", "prefill"])
+def test_negative_control_perturbed_initializer_fails_parity(engines, tmp_path, graph):
+    copy = tmp_path / "perturbed"
+    shutil.copytree(engines, copy)
+    perturb_initializer(copy, graph)
+    result = run_cli("runtime/parity.py", "--engines", copy)
+    assert result.returncode == 1, result.stderr
+    report = json.loads((copy / "parity.json").read_text())
+    assert report["passed"] is False
+    assert report["stages"][graph]["passed"] is False
+
+
+def test_negative_control_unhashed_change_also_fails(engines, tmp_path):
+    copy = tmp_path / "perturbed"
+    shutil.copytree(engines, copy)
+    model = onnx.load(str(copy / "decode.onnx"))
+    target = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT), key=lambda t: int(np.prod(t.dims)))
+    values = onnx.numpy_helper.to_array(target) * 1.5
+    target.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), target.name))
+    onnx.save(model, str(copy / "decode.onnx"))
+    result = run_cli("runtime/parity.py", "--engines", copy)
+    assert result.returncode == 1
+    report = json.loads((copy / "parity.json").read_text())
+    assert report["stages"]["integrity"]["passed"] is False and report["stages"]["decode"]["passed"] is False
