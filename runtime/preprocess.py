@@ -36,14 +36,23 @@ def load_image(path: str | Path) -> Image.Image:
     return image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (as ``transformers.image_transforms.convert_to_rgb``)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 @register("blip")
 def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict[str, np.ndarray]:
     """BLIP/BLIP-2 (``BlipImageProcessorPil``): RGB → resize (H, W) → rescale → normalise → (B, 3, H, W) float32."""
     height, width = settings["size"]
     batch = []
     for image in images:
-        if settings.get("do_convert_rgb", True) and image.mode != "RGB":
-            image = image.convert("RGB")
+        if settings.get("do_convert_rgb", True):
+            image = to_rgb(image)
         if settings.get("do_resize", True):
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
         pixels = np.asarray(image).astype(np.float64)  # (H, W, 3)
