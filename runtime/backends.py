@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from runtime.errors import BackendError, UnsupportedError, UsageError
-from runtime.manifest import GraphSpec, Manifest
+from runtime.manifest import Manifest
 
 
 class Runner(Protocol):
@@ -84,10 +84,7 @@ BACKENDS: dict[str, Callable[[Manifest, str], Runner]] = {
 def resolve_backend(name: str) -> str:
     """``auto`` → ``ort-cuda`` when the CUDA provider exists, else ``ort-cpu``."""
     if name == "auto":
-        try:
-            providers = _onnxruntime().get_available_providers()
-        except UnsupportedError:
-            raise
+        providers = _onnxruntime().get_available_providers()
         return "ort-cuda" if "CUDAExecutionProvider" in providers else "ort-cpu"
     if name not in BACKENDS:
         raise UsageError(f"unknown --backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -99,16 +96,3 @@ def load_runners(manifest: Manifest, backend: str) -> dict[str, Runner]:
     backend = resolve_backend(backend)
     return {graph: BACKENDS[backend](manifest, graph) for graph in manifest.graphs}
 
-
-def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> None:
-    """Fail with one clear line when a feed's dtype or static dims differ from the manifest."""
-    for tensor in spec.inputs:
-        value = feeds.get(tensor.name)
-        if value is None:
-            raise BackendError(f"{spec.file}: missing input {tensor.name}")
-        if value.dtype != np.dtype(tensor.dtype):
-            raise BackendError(f"{spec.file}: input {tensor.name} is {value.dtype}, the graph wants {tensor.dtype}")
-        if len(value.shape) != len(tensor.shape) or any(
-            isinstance(d, int) and d != v for d, v in zip(tensor.shape, value.shape)
-        ):
-            raise BackendError(f"{spec.file}: input {tensor.name} has shape {list(value.shape)}, the graph wants {tensor.shape}")

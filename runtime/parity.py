@@ -81,13 +81,16 @@ def compare_tensors(
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
     tensors = {}
-    same_shape = [n for n in names if reference[n].shape == actual[n].shape]
+    same_shape = [n for n in names if reference[n].shape == actual[n].shape and reference[n].size > 0]
     compare = SimpleCompareFunc(check_shapes=True, atol=tol["atol"], rtol=tol["rtol"])
     verdicts = compare(
         IterationResult({n: np.ascontiguousarray(reference[n], dtype=np.float32) for n in same_shape}, runner_name="pytorch"),
         IterationResult({n: np.ascontiguousarray(actual[n], dtype=np.float32) for n in same_shape}, runner_name="onnx"),
     )
     for name in names:
+        if reference[name].size == 0 and reference[name].shape == actual[name].shape:
+            tensors[name] = {**tensor_stats(reference[name], actual[name]), "passed": True}
+            continue
         if name not in same_shape:
             tensors[name] = {"passed": False, "shape_reference": list(reference[name].shape), "shape_onnx": list(actual[name].shape)}
             continue
@@ -188,8 +191,10 @@ def run_parity(
 
     source = Path(model or manifest.model["source"])
     adapter = adapters.get(manifest.family)(source, precision="fp32")
-    if adapter.model_info()["config_sha256"] != manifest.model["config_sha256"]:
-        raise ManifestError(f"{source}: config differs from the one the engines were built from (config_sha256)")
+    info = adapter.model_info()
+    for key in ("config_sha256", "weights_sha256"):
+        if info[key] != manifest.model.get(key):
+            raise ManifestError(f"{source}: not the checkpoint the engines were built from ({key} differs); pass --model")
 
     reference_runners = {name: _RecordingRunner(r) for name, r in adapter.torch_runners(manifest.pruning).items()}
     onnx_runners = {name: _RecordingRunner(r) for name, r in load_runners(manifest, backend).items()}
@@ -315,10 +320,9 @@ def _strip_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, margins_out):
-    """Run the reference pipeline, recording each row's top-2 logit margin at every greedy step."""
-    decode_runner = pipeline.runners["decode"]
-    prefill_runner = pipeline.runners["prefill"]
+    """Run the reference pipeline batch by batch, recording each row's top-2 logit margin at every greedy step."""
     steps: list[np.ndarray] = []
+    originals = {name: pipeline.runners[name] for name in ("prefill", "decode")}
 
     class Margins:
         def __init__(self, runner):
@@ -327,16 +331,20 @@ def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, marg
         def run(self, feeds):
             outputs = self.runner.run(feeds)
             top2 = np.sort(outputs["logits"], axis=-1)[:, -2:]
-            steps.append(top2[:, 1] - top2[:, 0])
+            steps.append(top2[:, 1] - top2[:, 0])  # (B,)
             return outputs
 
-    pipeline.runners["prefill"], pipeline.runners["decode"] = Margins(prefill_runner), Margins(decode_runner)
+    pipeline.runners.update({name: Margins(runner) for name, runner in originals.items()})
+    answers = []
     try:
-        answers = pipeline.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=pixel_values)
+        batch = pipeline.manifest.max_batch
+        for start in range(0, len(questions), batch):
+            steps.clear()
+            chunk = questions[start : start + batch]
+            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens, pixel_values=pixel_values[start : start + batch])
+            margins_out += [[float(step[row]) for step in steps] for row in range(len(chunk))]
     finally:
-        pipeline.runners["prefill"], pipeline.runners["decode"] = prefill_runner, decode_runner
-    for row in range(len(questions)):
-        margins_out.append([float(step[row]) for step in steps if row < len(step)])
+        pipeline.runners.update(originals)
     return answers
 
 

@@ -66,6 +66,11 @@ def prefill_positions(
     return positions
 
 
+def presents_as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A step's ``present.{i}.key|value`` outputs become the next step's ``past.{i}.key|value`` inputs."""
+    return {name.replace("present.", "past.", 1): value for name, value in outputs.items() if name.startswith("present.")}
+
+
 def greedy_decode(
     decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     logits: np.ndarray,
@@ -107,7 +112,7 @@ def greedy_decode(
             }
         )
         logits = outputs["logits"]
-        cache = {name.replace("present.", "past.", 1): value for name, value in outputs.items() if name.startswith("present.")}
+        cache = presents_as_past(outputs)
         position = position + 1
     return generated
 
@@ -159,11 +164,10 @@ class Blip2Pipeline:
         )
 
     def decode(self, prefill_out: dict[str, np.ndarray], batch: PrefillBatch, max_new_tokens: int) -> list[list[int]]:
-        cache = {name.replace("present.", "past.", 1): v for name, v in prefill_out.items() if name.startswith("present.")}
         return greedy_decode(
             self.runners["decode"].run,
             prefill_out["logits"],
-            cache,
+            presents_as_past(prefill_out),
             batch.attention_mask,
             batch.next_position,
             self.text.eos_token_ids,

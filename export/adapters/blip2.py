@@ -71,7 +71,7 @@ class PrunedVisual(nn.Module):
         with capture_attention_probs(watched) as probs:
             image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, Dv)
             query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
-            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)  # (B, P) as HF passes it
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)  # (B, P) as HF
             query_output = model.qformer(
                 query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
             ).last_hidden_state  # (B, Q, Dq) float32: HF keeps the Q-Former in fp32
@@ -93,6 +93,14 @@ class PrunedVisual(nn.Module):
 def config_sha256(path: Path) -> str:
     config = json.loads((path / "config.json").read_text())
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def weights_sha256(path: Path) -> dict[str, str]:
+    """sha256 of every weight file of the checkpoint (parity refuses a reference whose weights differ)."""
+    from runtime.manifest import sha256_file
+
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
+    return {p.name: sha256_file(p) for p in files}
 
 
 @register
@@ -146,6 +154,7 @@ class Blip2OptAdapter(ModelAdapter):
             "source": str(self.path.resolve()),
             "architecture": self.architectures[0],
             "config_sha256": config_sha256(self.path),
+            "weights_sha256": weights_sha256(self.path),
             "num_query_tokens": self.num_queries,
             "cross_attention_layers": self.num_cross_layers,
             "image_size": int(self.config.vision_config.image_size),
