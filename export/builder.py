@@ -92,6 +92,28 @@ class Progress:
             print(f"[{self.step}/{self.total}] {message}  (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
 
 
+def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph_specs: dict) -> Manifest:
+    """The manifest for ``adapter`` + ``resolved`` pruning; writes the tokenizer into ``folder``."""
+    text = adapter.text_settings(options.prompt_template or adapter.default_prompt_template)
+    text["tokenizer"] = adapter.save_tokenizer(folder)
+    return Manifest(
+        family=adapter.name,
+        model=adapter.model_info(),
+        pruning=resolved,
+        precision=options.precision,
+        opset=options.opset,
+        exporter=EXPORTER,
+        versions=tool_versions(),
+        text=text,
+        preprocess=adapter.preprocess_settings(),
+        language_model=adapter.language_model_settings(),
+        graphs=graph_specs,
+        max_batch=options.max_batch,
+        backend=options.backend,
+        root=folder,
+    )
+
+
 def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Path:
     validate(options)
     out = Path(options.out) if options.out else default_out(options, engines_root)
@@ -103,7 +125,6 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
     progress(f"loading {adapter_cls.name} checkpoint {options.model}")
     adapter = adapter_cls(options.model, options.precision)
     resolved = adapter.resolve(options.pruning, options.positions)
-    prompt_template = options.prompt_template or adapter.default_prompt_template
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -113,25 +134,7 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
             progress(f"tracing {graph.name} graph")
             graph_specs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
         progress("writing tokenizer, preprocessing settings and manifest")
-        tokenizer_file = adapter.save_tokenizer(staging)
-        text = adapter.text_settings(prompt_template)
-        text["tokenizer"] = tokenizer_file
-        manifest = Manifest(
-            family=adapter.name,
-            model=adapter.model_info(),
-            pruning=resolved,
-            precision=options.precision,
-            opset=options.opset,
-            exporter=EXPORTER,
-            versions=tool_versions(),
-            text=text,
-            preprocess=adapter.preprocess_settings(),
-            language_model=adapter.language_model_settings(),
-            graphs=graph_specs,
-            max_batch=options.max_batch,
-            backend=options.backend,
-        )
-        manifest.write(staging)
+        describe(adapter, resolved, options, staging, graph_specs).write(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -140,3 +143,17 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
         raise
     progress(f"done: {out} (k={resolved['k']} of {resolved['num_visual_tokens']})")
     return out
+
+
+def reference_pipeline(options: BuildOptions, folder: Path, adapter=None):
+    """The PyTorch reference pipeline for ``options`` without tracing anything: the runtime pipeline driven by torch
+    runners (``eval_vqa.py --backend torch``). ``folder`` receives the tokenizer; pass ``adapter`` to reuse a
+    loaded model across configurations."""
+    from runtime.pipeline import make_pipeline
+
+    validate(options)
+    adapter = adapter or adapters.detect(options.model)(options.model, "fp32")
+    resolved = adapter.resolve(options.pruning, options.positions)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    manifest = describe(adapter, resolved, options, Path(folder), graph_specs={})
+    return make_pipeline(manifest, adapter.torch_runners(resolved))

@@ -129,7 +129,7 @@ class Blip2Pipeline:
         self.prompt_template = prompt_template or manifest.text["prompt_template"]
         format_prompt(self.prompt_template, "")  # validate early
         self.positions = manifest.pruning["positions"]
-        self.float_dtype = np.dtype(manifest.graphs["prefill"].input("inputs_embeds").dtype)
+        self.float_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
 
     # ------------------------------------------------------------------ stages
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
