@@ -18,7 +18,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, and 
 from runtime.errors import cli_errors  # noqa: E402
 
 ENGINES = REPO / "engines"
-DEFAULT_MODEL_NOTE = "a tiny randomly initialised BLIP-2 created under engines/_models/ (until a trained default ships)"
+DEFAULT_MODEL = REPO / "models" / "blip2-easyvqa"
+DEFAULT_MODEL_NOTE = "models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA that ships with the repository"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,13 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_model() -> Path:
-    from export.tiny import make_tiny_blip2
+    from runtime.errors import CheckpointError
 
-    folder = ENGINES / "_models" / "tiny-blip2-random"
-    if not (folder / "config.json").is_file():
-        print(f"no --model given: creating {DEFAULT_MODEL_NOTE}: {folder}", file=sys.stderr)
-        make_tiny_blip2(folder)
-    return folder
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing: pass --model, or train it with scripts/train_easyvqa.py")
+    return DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:

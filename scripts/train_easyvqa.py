@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Train the project's default model: a small BLIP-2 (ViT + Q-Former with 32 queries + OPT) on easy-VQA.
+
+    python scripts/train_easyvqa.py                      # ~13 min on 2 CPU cores → models/blip2-easyvqa/
+    python scripts/train_easyvqa.py --steps 5 --out /tmp/smoke   # smoke test
+
+Generative language-model loss on the runtime's own prompt: ``Question: {q} Answer: {a}`` + EOS, the loss on the
+answer tokens and EOS only. A word-level tokenizer is built with ``tokenizers`` from the training split. The init
+traps of papers.md are handled: the vision tower's ``initializer_range`` (default 1e-10) is set to 0.02, and the
+query tokens (initialised to zero by HF) are drawn at random, otherwise the image path never learns.
+The result is saved with ``save_pretrained`` (model + processor) with a model card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+PROMPT = "Question: {} Answer:"
+IMAGE_SIZE = 64  # easy-VQA images are 64 × 64
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="train_easyvqa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "models" / "blip2-easyvqa")
+    parser.add_argument("--epochs", type=float, default=7.0)
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    parser.add_argument("--max-minutes", type=float, default=14.0, help="stop training after this long, whatever the epochs")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--what-first", type=float, default=0.3, help="fraction of the steps on shape/colour questions first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-limit", type=int, default=None, help="test questions for the final check (default: all)")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_split(split: str):
+    import easy_vqa
+
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    return list(questions), list(answers), list(image_ids), paths
+
+
+def build_tokenizer(texts):
+    """Lowercase word-level tokenizer; ``</s>`` is BOS and EOS (as in OPT) and is prepended by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Lowercase()
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for text in texts:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def build_model(tokenizer, seed: int):
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8, initializer_range=0.02),
+        qformer_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                            encoder_hidden_size=96, cross_attention_frequency=1),
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=128, ffn_dim=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, dropout=0.0),
+        num_query_tokens=32,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.5)  # HF initialises them to zero: every query would be identical
+    return model
+
+
+def encode_examples(tokenizer, questions, answers):
+    """ids = BOS + prompt + answer + EOS; labels mark the answer and EOS (the loss is on those only)."""
+    eos = tokenizer.eos_token_id
+    rows = []
+    for question, answer in zip(questions, answers):
+        prompt_ids = tokenizer(PROMPT.format(question)).input_ids
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [eos]
+        rows.append((prompt_ids + answer_ids, len(prompt_ids)))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), width), -100, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for row, (ids, prompt_len) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+        labels[row, prompt_len : len(ids)] = ids[prompt_len:]
+    return input_ids, mask, labels
+
+
+def pixel_table(paths: dict, image_processor) -> tuple[np.ndarray, dict]:
+    """Every image of the split preprocessed once: (num_images, 3, H, W) and image_id → row."""
+    from PIL import Image
+
+    ids = sorted(paths)
+    pixels = image_processor([Image.open(paths[i]) for i in ids], return_tensors="np")["pixel_values"].astype(np.float32)
+    return pixels, {image_id: row for row, image_id in enumerate(ids)}
+
+
+def answer_kind(answer: str) -> str:
+    return "shape" if answer in SHAPES else "yes/no" if answer in ("yes", "no") else "colour"
+
+
+def curriculum(answers) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling probabilities per question: first the "what" questions only (half shape, half colour answers), then
+    half the natural distribution and half balanced over answer kinds (yes/no, colour, shape).
+
+    Why: on the natural mix (73% yes/no, mostly about colours) the model learns colours and never shapes — a first
+    run reached 85% overall with 37% on "what shape" questions (chance: 33%); balancing alone did not help (79%);
+    shape questions alone first taught shapes (100%) but then colours never came (12%). Both kinds of "what"
+    questions first, then everything, teaches both."""
+    kinds = np.array([answer_kind(a) for a in answers])
+    counts = {kind: int((kinds == kind).sum()) for kind in set(kinds.tolist())}
+    balanced = np.array([1.0 / counts[kind] for kind in kinds])
+    first = np.where(kinds == "yes/no", 0.0, balanced)
+    natural = np.ones(len(answers))
+    mixed = 0.5 * natural / natural.sum() + 0.5 * balanced / balanced.sum()
+    return first / first.sum(), mixed
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def forward_loss(model, pixel_values, input_ids, attention_mask, labels):
+    """Teacher-forced LM loss: [32 query embeds][text]; positions follow the mask (queries 0…31, text 32 + t)."""
+    import torch
+    import torch.nn.functional as F
+
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, Dv)
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, Dq)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+    query_embeds = model.language_projection(query_output)  # (B, Q, E)
+    lm = model.language_model
+    text_embeds = lm.get_input_embeddings()(input_ids)  # (B, T, E)
+    num_queries = query_embeds.shape[1]
+    embeds = torch.cat([query_embeds, text_embeds], dim=1)  # (B, Q + T, E)
+    mask = torch.cat([torch.ones(input_ids.shape[0], num_queries, dtype=attention_mask.dtype), attention_mask], dim=1)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
+    predictions = logits[:, num_queries - 1 : -1]  # position i predicts text token i
+    return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_size=256, max_new_tokens=4) -> float:
+    """Exact-match accuracy of greedy answers (PyTorch, unpruned) — a check at the end of training."""
+    import torch
+
+    correct = 0
+    lm = model.language_model
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        for start in range(0, len(questions), batch_size):
+            batch_q = questions[start : start + batch_size]
+            prompts = [tokenizer(PROMPT.format(q)).input_ids for q in batch_q]
+            width = max(map(len, prompts))
+            ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, p in enumerate(prompts):  # left padding
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            pixel_values = torch.from_numpy(pixels[rows[start : start + batch_size]])
+            image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+            queries = model.query_tokens.expand(len(prompts), -1, -1)
+            query_embeds = model.language_projection(
+                model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+            )
+            embeds = torch.cat([query_embeds, lm.get_input_embeddings()(ids)], dim=1)
+            full_mask = torch.cat([torch.ones(len(prompts), query_embeds.shape[1], dtype=torch.long), mask], dim=1)
+            output = lm.generate(inputs_embeds=embeds, attention_mask=full_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for row, answer in enumerate(answers[start : start + batch_size]):
+                tokens = []
+                for token in output[row].tolist():
+                    if token == eos:
+                        break
+                    tokens.append(token)
+                correct += tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer
+    return correct / len(questions)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    say = lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    questions, answers, image_ids, paths = load_split("train")
+    test_q, test_a, test_ids, test_paths = load_split("test")
+    tokenizer = build_tokenizer([PROMPT.format(q) for q in questions] + answers)
+    image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=32)
+    model = build_model(tokenizer, args.seed)
+    model.config._attn_implementation = "sdpa"  # fast for training; export loads the checkpoint with eager attention
+    say(f"{len(questions)} train questions, vocabulary {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    pixels, row_of = pixel_table(paths, image_processor)
+    image_rows = np.array([row_of[i] for i in image_ids])
+    input_ids, mask, labels = encode_examples(tokenizer, questions, answers)
+    say(f"preprocessed {len(pixels)} images")
+
+    steps_per_epoch = math.ceil(len(questions) / args.batch_size)  # an "epoch" is this many batches (sampled, balanced)
+    total_steps = args.steps or int(args.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = min(200, total_steps // 10 + 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    first_steps = int(total_steps * args.what_first)
+    what_first, mixed = curriculum(answers)
+    model.train()
+    step, losses = 0, []
+    deadline = started + args.max_minutes * 60
+    while step < total_steps and time.perf_counter() < deadline:
+        sampling = what_first if step < first_steps else mixed
+        batch = rng.choice(len(questions), size=args.batch_size, p=sampling)
+        width = int(mask[batch].sum(1).max())
+        loss = forward_loss(
+            model,
+            torch.from_numpy(pixels[image_rows[batch]]),
+            torch.from_numpy(input_ids[batch, :width]),
+            torch.from_numpy(mask[batch, :width]),
+            torch.from_numpy(labels[batch, :width]),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 100 == 0 or step == total_steps:
+            say(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}) loss {np.mean(losses[-100:]):.4f}")
+    train_minutes = (time.perf_counter() - started) / 60
+    model.eval()
+
+    test_pixels, test_row_of = pixel_table(test_paths, image_processor)
+    subset = np.arange(len(test_q)) if args.eval_limit is None else rng.permutation(len(test_q))[: args.eval_limit]
+    accuracy = greedy_accuracy(
+        model, tokenizer, test_pixels, np.array([test_row_of[test_ids[i]] for i in subset]),
+        [test_q[i] for i in subset], [test_a[i] for i in subset],
+    )
+    say(f"greedy exact-match accuracy, PyTorch, {len(subset)} test questions: {accuracy:.4f}")
+
+    model.config._attn_implementation = "eager"
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    training = {
+        "command": "python scripts/train_easyvqa.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "data": "easy-VQA (pip package easy-vqa 1.0): train split, 4,000 images, 38,575 questions",
+        "seed": args.seed, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+        "train_minutes": round(train_minutes, 2), "final_loss": round(float(np.mean(losses[-100:])), 4),
+        "test_questions": int(len(subset)), "test_accuracy_torch_greedy": round(accuracy, 4),
+        "torch": torch.__version__,
+    }
+    (args.out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    write_card(args.out, training)
+    say(f"saved {args.out}")
+    return 0
+
+
+def write_card(folder: Path, training: dict) -> None:
+    (folder / "README.md").write_text(f"""# blip2-easyvqa — the default model of vtprune
+
+A small BLIP-2 (`Blip2ForConditionalGeneration`: ViT 3×96 on 64×64 px with 8 px patches → 65 image tokens,
+Q-Former 2×96 with **32 query tokens** and cross-attention in every layer, OPT 2×128), trained from scratch on
+easy-VQA so that the project has a default model that really answers. Weights: random init (vision
+`initializer_range` 0.02, random query tokens), all parts trained jointly.
+
+- Training command: `{training['command']}`
+- Data: {training['data']}. easy-VQA: MIT licence, © Victor Zhou (github.com/vzhou842/easy-VQA).
+- Objective: generative language-model loss on `Question: {{q}} Answer: {{a}}` + EOS (loss on the answer and EOS),
+  with the runtime's own prompt template; word-level tokenizer (`tokenizers`) built from the training split.
+  Curriculum: the first 30% of the steps sample the "what" questions only (half shape, half colour answers), the rest
+  half the natural mix and half balanced over answer kinds (yes/no, colour, shape); on the natural mix alone shapes
+  are never learned (see `curriculum()` in the script for the runs that led here).
+- Seed {training['seed']}, {training['steps']} steps of batch {training['batch_size']}, AdamW lr {training['lr']} (warm-up + cosine),
+  {training['threads']} CPU threads, {training['train_minutes']} minutes; final training loss {training['final_loss']}.
+- Accuracy (greedy, exact match, PyTorch, unpruned) on {training['test_questions']} easy-VQA test questions:
+  **{100 * training['test_accuracy_torch_greedy']:.2f}%**. The accuracy through the ONNX Runtime pipeline at every pruning
+  ratio is in the project README (`scripts/results/`).
+""")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
