@@ -117,6 +117,27 @@ def stable_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
     return ranks.transpose(dim, last)
 
 
+def rank_bounds(values: torch.Tensor, dim: int, tie_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranks an element can take when values within ``tie_rtol`` of each other (relatively) may order either way.
+
+    lower = #elements below it and not tied with it; upper = #other elements below it or tied with it, where
+    ``a`` and ``b`` tie when ``|a - b| <= tie_rtol * max(|a|, |b|)``. ``stable_ranks`` always lies in [lower, upper].
+    Relative, because softmax probabilities carry relative errors (an absolute error δ on a logit scales the
+    probability by e^δ), and most of a trained model's attention probabilities are tiny. Used by parity, not
+    exported: ranks are discontinuous in the values, so a float-level difference in attention probabilities can
+    move a CATP vote by a whole rank.
+    """
+    last = values.dim() - 1
+    dim = dim % values.dim()
+    values = values.double().transpose(dim, last)  # (..., n)
+    lhs = values.unsqueeze(-1)  # (..., n, 1): the element being ranked
+    rhs = values.unsqueeze(-2)  # (..., 1, n): every element it is compared with
+    tied = (rhs - lhs).abs() <= tie_rtol * torch.maximum(rhs.abs(), lhs.abs())  # (..., n, n), self included
+    lower = ((rhs < lhs) & ~tied).sum(-1).double()  # (..., n)
+    upper = ((rhs < lhs) | tied).sum(-1).double() - 1.0  # (..., n): minus the element itself
+    return lower.transpose(dim, last), upper.transpose(dim, last)
+
+
 def image_token_weights(vision_attention: torch.Tensor) -> torch.Tensor:
     """``u[b, j]``: attention image token ``j`` receives in the last vision layer, normalised to mean 1.
 
@@ -152,6 +173,28 @@ def catp_scores(
         score = votes if score is None else score + votes
     assert score is not None, "at least one layer weight must be non-zero"
     return score
+
+
+def catp_score_bounds(
+    cross_attentions: Sequence[torch.Tensor],
+    layer_weights: Sequence[float],
+    token_weights: torch.Tensor | None,
+    tie_rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lowest and highest CATP score of every query, (B, Q) each, when attention probabilities within
+    ``tie_rtol`` of each other may rank either way: :func:`catp_scores` with ranks replaced by :func:`rank_bounds`."""
+    lower = upper = None
+    for weight, probs in zip(layer_weights, cross_attentions):
+        if weight == 0.0:
+            continue
+        low, high = rank_bounds(probs, dim=2, tie_rtol=tie_rtol)  # (B, heads, Q, P) each
+        if token_weights is not None:
+            low, high = low * token_weights[:, None, None, :].double(), high * token_weights[:, None, None, :].double()
+        low, high = low.sum(dim=(1, 3)) * weight, high.sum(dim=(1, 3)) * weight  # (B, Q)
+        lower = low if lower is None else lower + low
+        upper = high if upper is None else upper + high
+    assert lower is not None and upper is not None, "at least one layer weight must be non-zero"
+    return lower, upper
 
 
 def l2_scores(tokens: torch.Tensor) -> torch.Tensor:
@@ -195,6 +238,11 @@ def _catp(signals: Signals, layer_weights: Sequence[float], config: PruningConfi
     return catp_scores(signals.cross_attentions, layer_weights, token_weights)
 
 
+def _catp_bounds(signals: Signals, layer_weights: Sequence[float], config: PruningConfig, tie_rtol: float):
+    token_weights = image_token_weights(signals.vision_attention) if config.image_importance else None
+    return catp_score_bounds(signals.cross_attentions, layer_weights, token_weights, tie_rtol)
+
+
 METHODS: dict[str, ScoreFn] = {
     "catp": _catp,
     "l2": lambda s, w, c: l2_scores(s.tokens),
@@ -202,6 +250,20 @@ METHODS: dict[str, ScoreFn] = {
     "random": lambda s, w, c: random_scores(s.tokens, c.seed),
     "first-k": lambda s, w, c: first_k_scores(s.tokens),
 }
+
+
+# Methods whose scores are discontinuous in the model's activations (rank counts) give parity score bounds; for
+# the others the scores are continuous and compared with a tolerance.
+SCORE_BOUNDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"catp": _catp_bounds}
+
+
+def score_bounds(
+    signals: Signals, layer_weights: Sequence[float], config: PruningConfig, tie_rtol: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(lower, upper) scores (B, Q) reachable under float-level differences of the signals, or None when the
+    method's scores are continuous (compare those with a tolerance instead)."""
+    bounds = SCORE_BOUNDS.get(config.method)
+    return None if bounds is None else bounds(signals, layer_weights, config, tie_rtol)
 
 
 def check_method(method: str) -> None:

@@ -137,6 +137,7 @@ class Sample:
     question: str
     answers: tuple[str, ...]  # easy-VQA: the one ground truth; VQAv2: the human answers (usually ten)
     question_id: int
+    answer_type: str = "other"  # easy-VQA: yes/no | color | shape; VQAv2: the annotation's answer_type
 
 
 @dataclass
@@ -162,6 +163,14 @@ class VqaV2Files(NamedTuple):
 
 
 EASY_VQA_SPLITS = ("train", "test")
+EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
+
+
+def easy_vqa_answer_type(answer: str) -> str:
+    """easy-VQA's three kinds of answer: ``yes/no``, ``shape`` (circle, rectangle, triangle) or ``color``."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in EASY_VQA_SHAPES else "color"
 
 
 def load_easy_vqa(split: str = "test") -> Dataset:
@@ -178,7 +187,7 @@ def load_easy_vqa(split: str = "test") -> Dataset:
     for index, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
         if image_id not in paths:
             raise UsageError(f"easy-VQA {split}: question {index} refers to image {image_id}, which the package lacks")
-        samples.append(Sample(paths[image_id], question, (answer,), index))
+        samples.append(Sample(paths[image_id], question, (answer,), index, easy_vqa_answer_type(answer)))
     return Dataset("easy-vqa", split, samples, "exact_match")
 
 
@@ -243,7 +252,7 @@ def load_vqav2(questions_file: str | Path, annotations_file: str | Path, images:
         answers = tuple(str(a["answer"]) for a in annotation.get("answers", ()))
         if not answers:
             raise UsageError(f"question {question_id} has no human answers in {annotations_file}")
-        samples.append(Sample(find(image_id), question, answers, question_id))
+        samples.append(Sample(find(image_id), question, answers, question_id, str(annotation.get("answer_type", "other"))))
     if not samples:
         raise UsageError(f"--questions {questions_file} has no questions")
     return Dataset("vqav2", subtype or "custom", samples, "vqa_accuracy")

@@ -319,6 +319,7 @@ def evaluate(pipeline, dataset, images: ImageCache, batch_size: int, max_new_tok
                 score = dataset.score(answer.answer, sample)
                 total += score
                 records.append({"question_id": sample.question_id, "question": sample.question, "image": sample.image,
+                                "answer_type": sample.answer_type,
                                 "prediction": answer.answer, "answers": list(sample.answers), "score": score,
                                 "kept_indices": answer.kept_indices})
             bar.update(len(batch))
@@ -326,6 +327,15 @@ def evaluate(pipeline, dataset, images: ImageCache, batch_size: int, max_new_tok
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+
+
+def accuracy_by_type(records: list[dict]) -> dict[str, dict]:
+    """Accuracy per answer type (easy-VQA: yes/no, color, shape; VQAv2: yes/no, number, other)."""
+    scores: dict[str, list[float]] = {}
+    for record in records:
+        scores.setdefault(record["answer_type"], []).append(record["score"])
+    return {kind: {"accuracy": sum(values) / len(values), "questions": len(values)}
+            for kind, values in sorted(scores.items())}
 
 
 def write_outputs(out: Path, meta: dict, results: list[dict], predictions: dict[str, list[dict]]) -> None:
@@ -368,6 +378,16 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
         any_result = next(r for r in row if r is not None)
         values = [f"{100 * r['accuracy']:.2f}" if r is not None else "" for r in row]
         lines.append(f"| {ratio:g} | {_kept(any_result)} | " + " | ".join(values) + " |")
+    kinds = sorted({kind for r in results for kind in r.get("accuracy_by_type", {})})
+    if kinds:
+        lines += ["", "By answer type (questions: " + ", ".join(
+            f"{kind} {results[0]['accuracy_by_type'].get(kind, {}).get('questions', 0)}" for kind in kinds) + "):", "",
+            "| configuration | k/N | all | " + " | ".join(kinds) + " |", "|---|---|---:|" + "---:|" * len(kinds)]
+        for r in results:
+            by_type = r.get("accuracy_by_type", {})
+            values = [f"{100 * by_type[kind]['accuracy']:.2f}" if kind in by_type else "" for kind in kinds]
+            lines.append(f"| {r['config']} | {r['k']}/{r['num_visual_tokens']} | {100 * r['accuracy']:.2f} | "
+                         + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -465,7 +485,8 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
             "layer_weights_resolved": pruning["layer_weights"] if catp else None,
             "positions": None if config.unpruned else config.positions, "image_importance": config.image_importance,
             "seed": config.seed if config.method == "random" else None,
-            "accuracy": accuracy, "questions": len(records), "seconds": round(elapsed, 3),
+            "accuracy": accuracy, "questions": len(records), "accuracy_by_type": accuracy_by_type(records),
+            "seconds": round(elapsed, 3),
             "build_seconds": None if built is None else round(built, 3),
             "engines": str(pipelines.folder(config)) if args.backend != "torch" else None,
         })

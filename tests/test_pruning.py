@@ -130,6 +130,40 @@ def test_catp_matches_independent_loops(weights, with_importance):
             assert kept[row].tolist() == sorted(kept[row].tolist())
 
 
+def test_rank_bounds_by_hand():
+    values = torch.tensor([[1.0, 1.0 + 1e-7, 0.5, 2.0]])
+    lower, upper = pruning.rank_bounds(values, dim=1, tie_rtol=1e-6)
+    assert lower.tolist() == [[1, 1, 0, 3]] and upper.tolist() == [[2, 2, 0, 3]]  # the two near-equal values tie
+    exact_lower, exact_upper = pruning.rank_bounds(values, dim=1, tie_rtol=0.0)
+    assert exact_lower.tolist() == exact_upper.tolist() == pruning.stable_ranks(values, dim=1).tolist()
+
+
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_catp_bounds_contain_every_nearby_backend(with_importance):
+    """Scores of probabilities perturbed by a relative 1e-6 (another backend's rounding) lie inside the bounds
+    computed with a tie tolerance of 2e-6 + rounding; the unperturbed scores do too; bounds really widen on near-ties."""
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 16, 9, generator=generator)
+    logits[..., 4, :] = logits[..., 5, :] + 1e-7  # queries 4 and 5 attend alike: their ranks are float noise
+    cross = [torch.softmax(logits, dim=-1), torch.softmax(torch.randn(2, 3, 16, 9, generator=generator), dim=-1)]
+    vision = torch.softmax(torch.randn(2, 2, 9, 9, generator=generator), dim=-1)
+    u = pruning.image_token_weights(vision) if with_importance else None
+    lower, upper = pruning.catp_score_bounds(cross, [1.0, 0.5], u, tie_rtol=2.5e-6)
+    scores = pruning.catp_scores(cross, [1.0, 0.5], u).double()
+    assert bool(((lower - 1e-3 <= scores) & (scores <= upper + 1e-3)).all())  # float32 sums vs float64 bounds
+    assert bool((upper[:, 4] > lower[:, 4]).all()) and bool((upper[:, 5] > lower[:, 5]).all())
+    for trial in range(5):
+        noise = 1 + 1e-6 * (2 * torch.rand(cross[0].shape, generator=generator) - 1)
+        perturbed = [cross[0] * noise, cross[1]]
+        other = pruning.catp_scores(perturbed, [1.0, 0.5], u).double()
+        assert bool(((lower - 1e-3 <= other) & (other <= upper + 1e-3)).all()), trial
+    config = PruningConfig(method="catp", image_importance=with_importance)
+    sig = Signals(tokens=torch.zeros(2, 16, 3), cross_attentions=cross, vision_attention=vision)
+    via_registry = pruning.score_bounds(sig, [1.0, 0.5], config, tie_rtol=2.5e-6)
+    assert torch.equal(via_registry[0], lower) and torch.equal(via_registry[1], upper)
+    assert pruning.score_bounds(sig, [1.0, 0.5], PruningConfig(method="l2"), tie_rtol=2.5e-6) is None
+
+
 # ------------------------------------------------------------------------------------------------ baselines
 
 

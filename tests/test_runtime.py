@@ -172,3 +172,28 @@ def test_main_command_default_model(tmp_path):
     run_cli("export/build.py", "--ratio", "0.5", "--out", out, "--quiet", check=True)
     manifest = Manifest.load(out)
     assert manifest.pruning["ratio"] == 0.5 and manifest.pruning["method"] == "catp"
+
+
+def test_rank_bound_comparisons():
+    """CATP parity: ONNX scores inside the reference's bounds pass; a kept-set swap is a near-tie only when the
+    bounds allow the ONNX-only token to outscore the reference-only one."""
+    import numpy as np
+
+    from runtime.parity import compare_kept_sets_with_bounds, compare_scores_to_bounds
+
+    lower = np.array([[10.0, 20.0, 19.0, 5.0]])
+    upper = np.array([[12.0, 22.0, 21.0, 6.0]])
+    inside = compare_scores_to_bounds(lower, upper, np.array([[11.0, 20.0, 21.0, 5.5]], dtype=np.float32), 1e-5)
+    assert inside["passed"] and inside["outside_bounds"] == 0 and inside["max_bound_width"] == 2.0
+    outside = compare_scores_to_bounds(lower, upper, np.array([[11.0, 23.0, 20.0, 5.5]], dtype=np.float32), 1e-5)
+    assert not outside["passed"] and outside["outside_bounds"] == 1 and outside["max_violation"] == pytest.approx(1.0, abs=1e-3)
+
+    reference_kept = np.array([[1, 2]])
+    tie = compare_kept_sets_with_bounds(lower, upper, reference_kept, np.array([[0, 1]]), 1e-5)  # 0 can reach 12 < 19
+    assert not tie["passed"] and tie["mismatches"] == 1
+    swap_upper = upper.copy()
+    swap_upper[0, 0] = 19.5  # now token 0 can outscore token 2 (lowest 19)
+    tie = compare_kept_sets_with_bounds(lower, swap_upper, reference_kept, np.array([[0, 1]]), 1e-5)
+    assert tie["passed"] and tie["near_ties"] == 1 and tie["rows"][0]["bounds"] == {2: [19.0, 21.0], 0: [10.0, 19.5]}
+    same = compare_kept_sets_with_bounds(lower, upper, reference_kept, reference_kept, 1e-5)
+    assert same["passed"] and same["rows"] == [{"row": 0, "equal": True}]

@@ -125,6 +125,10 @@ def test_easy_vqa_loader_counts_and_seeded_subsets():
     assert len(test.samples) == 9673 and len({s.answers[0] for s in test.samples}) == 13
     assert all(len(s.answers) == 1 and os.path.isfile(s.image) for s in test.samples[:20])
     assert [s.question_id for s in test.samples[:3]] == [0, 1, 2]
+    kinds = {s.answer_type for s in test.samples}
+    assert kinds == {"yes/no", "color", "shape"}
+    assert all((s.answer_type == "yes/no") == (s.answers[0] in ("yes", "no")) for s in test.samples)
+    assert all((s.answer_type == "shape") == (s.answers[0] in ("circle", "rectangle", "triangle")) for s in test.samples)
 
     first = load_dataset("easy-vqa", "test", limit=50, seed=3)
     again = load_dataset("easy-vqa", "test", limit=50, seed=3)
@@ -156,7 +160,9 @@ def write_vqav2(folder, entries, subtype="val2014"):
     questions, annotations = [], []
     for number, (image_name, image_id, question, humans) in enumerate(entries):
         questions.append({"image_id": image_id, "question": question, "question_id": 100 + number})
+        answer_type = "yes/no" if humans[0] in ("yes", "no") else "number" if humans[0].isdigit() else "other"
         annotations.append({"image_id": image_id, "question_id": 100 + number, "multiple_choice_answer": humans[0],
+                            "answer_type": answer_type,
                             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(humans)]})
     q_file, a_file = folder / "questions.json", folder / "annotations.json"
     q_file.write_text(json.dumps({"data_subtype": subtype, "questions": questions} if subtype else {"questions": questions}))
@@ -181,6 +187,7 @@ def test_vqav2_loader_image_names_and_metric(tmp_path):
     assert [os.path.basename(s.image) for s in dataset.samples] == [
         "COCO_val2014_000000000007.jpg", "abc_000000000008.png", "9.jpg", "COCO_train2014_000000000010.jpg"]
     assert [s.question_id for s in dataset.samples] == [100, 101, 102, 103] and len(dataset.samples[0].answers) == 10
+    assert [s.answer_type for s in dataset.samples] == ["other", "number", "yes/no", "yes/no"]
     assert dataset.score("no", dataset.samples[2]) == 1.0
     assert dataset.score("Yes.", dataset.samples[2]) == pytest.approx(0.6)
     assert dataset.score("one", dataset.samples[1]) == 1.0
@@ -248,6 +255,10 @@ def test_easy_vqa_eval_through_cli(easy_runs, tiny_model):
             ("unpruned", 0.0, 8, 8, 1.0), ("catp", 0.5, 4, 8, 0.5), ("first-k", 0.5, 4, 8, 0.5)]
         assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] == 50 and r["seconds"] >= 0 for r in rows)
         assert rows[1]["layer_weights"] == "uniform" and rows[1]["positions"] == "original"
+        for row in rows:  # per answer type: counts add up, the weighted mean is the overall accuracy
+            by_type = row["accuracy_by_type"]
+            assert set(by_type) <= {"yes/no", "color", "shape"} and sum(t["questions"] for t in by_type.values()) == 50
+            assert sum(t["accuracy"] * t["questions"] for t in by_type.values()) / 50 == pytest.approx(row["accuracy"])
 
         predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert len(predictions) == 3 * 50
@@ -261,6 +272,7 @@ def test_easy_vqa_eval_through_cli(easy_runs, tiny_model):
         table = (out / "results.md").read_text()
         assert "| ratio | kept k/N | catp | first-k |" in table
         assert "| 0 (unpruned) | 8/8 (1) |" in table and "| 0.5 | 4/8 (0.5) |" in table
+        assert "| configuration | k/N | all | color | shape | yes/no |" in table and "| catp-r0.5 | 4/8 |" in table
         with Image.open(out / "accuracy_vs_ratio.png") as image:
             image.verify()
         with Image.open(out / "accuracy_vs_ratio.png") as image:

@@ -96,6 +96,21 @@ class ModelAdapter(ABC):
     @abstractmethod
     def model_info(self) -> dict[str, Any]: ...
 
+    def score_bounds(
+        self, pruning: dict[str, Any], feeds: dict[str, np.ndarray], tie_rtol: float
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """For parity: the lowest and highest score of every visual token that float-level differences of the
+        model's activations can produce (rank-count methods such as CATP), from the graph whose module has a
+        ``score_bounds`` method, fed ``feeds``; None when the method's scores are continuous."""
+        for graph in self.graphs(pruning):
+            bounds_of = getattr(graph.module, "score_bounds", None)
+            if bounds_of is None:
+                continue
+            inputs = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in graph.input_names]
+            bounds = bounds_of(*inputs, tie_rtol=tie_rtol)
+            return None if bounds is None else tuple(b.detach().cpu().numpy() for b in bounds)
+        return None
+
     def torch_runners(self, pruning: dict[str, Any]) -> dict[str, TorchRunner]:
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
         return {graph.name: TorchRunner(graph, dtype) for graph in self.graphs(pruning)}

@@ -65,7 +65,8 @@ class PrunedVisual(nn.Module):
         self.self_modules = [layer.attention.attention for layer in layers]
         self.vision_last = model.vision_model.encoder.layers[-1].self_attn
 
-    def forward(self, pixel_values: torch.Tensor):
+    def signals(self, pixel_values: torch.Tensor) -> Signals:
+        """Run vision encoder + Q-Former, capturing what the scoring methods read."""
         model = self.model
         watched = self.cross_modules + self.self_modules + [self.vision_last]
         with capture_attention_probs(watched) as probs:
@@ -76,18 +77,26 @@ class PrunedVisual(nn.Module):
                 query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
             ).last_hidden_state  # (B, Q, Dq) float32: HF keeps the Q-Former in fp32
         num_cross = len(self.cross_modules)
-        signals = Signals(
+        return Signals(
             tokens=query_output,
             cross_attentions=probs[:num_cross],  # each (B, heads, Q, P)
             self_attentions=probs[num_cross:-1],  # each (B, heads, Q, Q)
             vision_attention=probs[-1],  # (B, heads, P, P)
         )
+
+    def forward(self, pixel_values: torch.Tensor):
+        signals = self.signals(pixel_values)
         scores = pruning.score_tokens(signals, self.layer_weights, self.config)  # (B, Q) float32
         kept_indices = pruning.select_top_k(scores, self.k)  # (B, k) ascending
-        kept_tokens = pruning.gather_tokens(query_output, kept_indices)  # (B, k, Dq)
-        projection = model.language_projection
+        kept_tokens = pruning.gather_tokens(signals.tokens, kept_indices)  # (B, k, Dq)
+        projection = self.model.language_projection
         query_embeds = projection(kept_tokens.to(projection.weight.dtype))  # (B, k, E)
         return query_embeds, kept_indices, scores
+
+    @torch.no_grad()
+    def score_bounds(self, pixel_values: torch.Tensor, tie_rtol: float):
+        """(lower, upper) scores reachable under float-level differences (parity), or None for continuous methods."""
+        return pruning.score_bounds(self.signals(pixel_values), self.layer_weights, self.config, tie_rtol)
 
 
 def config_sha256(path: Path) -> str:
