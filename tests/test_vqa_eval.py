@@ -397,3 +397,39 @@ def test_runtime_vqa_is_torch_free():
 def test_sample_is_a_plain_record():
     sample = Sample("a.png", "what?", ("yes",), 7)
     assert (sample.image, sample.question, sample.answers, sample.question_id) == ("a.png", "what?", ("yes",), 7)
+
+
+def test_compare_evals_and_kept_token_effect_clis(easy_runs, tmp_path):
+    """The analysis scripts over the two runs of the fixture: answers agree (exit 0); a changed answer → exit 1;
+    the token split adds up to every pruned question."""
+    def script(name, *args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+
+    torch_run, ort_run = easy_runs["torch"][0], easy_runs["ort-cpu"][0]
+    report = tmp_path / "agreement.json"
+    result = script("compare_evals.py", torch_run, ort_run, "--out", report)
+    assert result.returncode == 0, result.stderr
+    agreement = json.loads(report.read_text())
+    assert agreement["questions"] == agreement["answers_equal"] == 150 and len(agreement["configs"]) == 3
+
+    changed = tmp_path / "changed"
+    shutil.copytree(ort_run, changed)
+    lines = (changed / "predictions.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["prediction"] = first["prediction"] + " not"
+    (changed / "predictions.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    result = script("compare_evals.py", torch_run, changed)
+    assert result.returncode == 1 and "answers equal 149/150" in result.stdout
+
+    result = script("compare_evals.py", torch_run, tmp_path / "nowhere")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+    split = tmp_path / "token0.json"
+    result = script("kept_token_effect.py", ort_run, "--token", 0, "--json", split)
+    assert result.returncode == 0, result.stderr
+    configs = json.loads(split.read_text())["configs"]
+    assert set(configs) == {"catp-r0.5", "first-k-r0.5"}
+    for sides in configs.values():
+        assert sum(cell["questions"] for side in sides.values() for cell in side.values()) == 50
+    assert all(cell["questions"] == 0 for cell in configs["first-k-r0.5"]["dropped"].values())  # first-k keeps 0
