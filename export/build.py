@@ -26,11 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help=f"local HF checkpoint folder (default: {DEFAULT_MODEL_NOTE})")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of visual tokens REMOVED, in [0, 1) (default 0.5)")
-    parser.add_argument("--method", default="catp", help="catp | l2 | self-attn | random | first-k (default catp)")
+    parser.add_argument("--method", default=None, help="BLIP-2: catp | l2 | self-attn | random | first-k (default catp); "
+                        "LLaMA-3.2-Vision: trim-sum | trim-union | l2 | random | uniform (default trim-sum)")
     parser.add_argument("--layer-weights", default="uniform", help="uniform | first | last | first+last | w0,w1,... (one per cross-attention layer)")
     parser.add_argument("--image-importance", action=argparse.BooleanOptionalAction, default=False,
                         help="weight CATP votes by the attention each image token receives in the last vision layer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' method (fixed in the graph)")
+    parser.add_argument("--trim-first-layer", action="store_true",
+                        help="LLaMA-3.2-Vision: also trim the first cross-attention layer's own keys/values (default: it keeps all)")
     parser.add_argument("--positions", default="original", help="original | compact (default original)")
     parser.add_argument("--precision", default="fp32", help="fp32 | fp16 (score math stays fp32)")
     parser.add_argument("--backend", default="onnx", help="onnx (trt: not yet)")
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer_weights=args.layer_weights,
                 image_importance=args.image_importance,
                 seed=args.seed,
+                trim_first_layer=args.trim_first_layer,
             ),
             positions=args.positions,
             precision=args.precision,

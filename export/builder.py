@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -47,7 +47,8 @@ def default_out(options: BuildOptions, engines_root: Path) -> Path:
 def validate(options: BuildOptions) -> None:
     """Every check that needs no model, so bad flags fail in a second."""
     pruning.keep_count(32, options.pruning.ratio)  # ratio range
-    pruning.check_method(options.pruning.method)
+    if options.pruning.method is not None:
+        pruning.check_method(options.pruning.method)
     if options.positions not in POSITION_POLICIES:
         raise UsageError(f"--positions must be one of {', '.join(POSITION_POLICIES)}, got {options.positions!r}")
     if options.precision not in PRECISIONS:
@@ -94,7 +95,7 @@ class Progress:
 
 def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph_specs: dict) -> Manifest:
     """The manifest for ``adapter`` + ``resolved`` pruning; writes the tokenizer into ``folder``."""
-    text = adapter.text_settings(options.prompt_template or adapter.default_prompt_template)
+    text = adapter.text_settings(options.prompt_template)
     text["tokenizer"] = adapter.save_tokenizer(folder)
     return Manifest(
         family=adapter.name,
@@ -114,13 +115,21 @@ def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph
     )
 
 
+def with_default_method(options: BuildOptions, adapter_cls) -> BuildOptions:
+    """``--method`` left out: the model family's own method (CATP for BLIP-2, trim-sum for LLaMA-3.2-Vision)."""
+    if options.pruning.method is not None:
+        return options
+    return replace(options, pruning=replace(options.pruning, method=adapter_cls.default_method))
+
+
 def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Path:
     validate(options)
+    adapter_cls = adapters.detect(options.model)
+    options = with_default_method(options, adapter_cls)
     out = Path(options.out) if options.out else default_out(options, engines_root)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise UsageError(f"--out {out} exists and is not an engines folder; choose an empty or new folder")
 
-    adapter_cls = adapters.detect(options.model)
     progress = Progress(total=3 + 4, quiet=quiet)
     progress(f"loading {adapter_cls.name} checkpoint {options.model}")
     adapter = adapter_cls(options.model, options.precision)
@@ -152,7 +161,9 @@ def reference_pipeline(options: BuildOptions, folder: Path, adapter=None):
     from runtime.pipeline import make_pipeline
 
     validate(options)
-    adapter = adapter or adapters.detect(options.model)(options.model, "fp32")
+    adapter_cls = type(adapter) if adapter is not None else adapters.detect(options.model)
+    options = with_default_method(options, adapter_cls)
+    adapter = adapter or adapter_cls(options.model, "fp32")
     resolved = adapter.resolve(options.pruning, options.positions)
     Path(folder).mkdir(parents=True, exist_ok=True)
     manifest = describe(adapter, resolved, options, Path(folder), graph_specs={})

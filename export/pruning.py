@@ -73,6 +73,7 @@ class PruningConfig:
     layer_weights: str = "uniform"
     image_importance: bool = False
     seed: int = 0
+    trim_first_layer: bool = False  # Trimmed Llama: also trim the first cross-attention layer's own keys/values
 
 
 # --------------------------------------------------------------------------------------------------- signals
@@ -225,6 +226,78 @@ def first_k_scores(batch_like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(batch_like[..., 0], dtype=torch.float32)  # (B, N)
 
 
+# ----------------------------------------------------------------------------- Trimmed Llama (Mllama) scoring
+# Inputs: probs (B, heads, T, N) — the first cross-attention layer's text→image attention in the prefill;
+# row_weights (B, T) — 1 for text rows that see an image (and are not padding), 0 for the others.
+
+RANK_CHUNK = 512  # compared tokens per block when counting ranks: bounds the (B, heads, N, chunk) temporaries
+
+
+def head_text_attention(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Attention each visual token receives per head, summed over voting text rows: (B, H, T, N) → (B, H, N)."""
+    return (probs.float() * row_weights.float()[:, None, :, None]).sum(dim=2)  # (B, H, N)
+
+
+def trim_sum_scores(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """``trim-sum``: Σ_h Σ_t A[b, h, t, n] over voting rows → (B, N)."""
+    return head_text_attention(probs, row_weights).sum(dim=1)  # (B, N)
+
+
+def top_ranks(values: torch.Tensor, chunk: int = RANK_CHUNK) -> torch.Tensor:
+    """Rank of every element along the last axis from the top: 0 = highest; on equal values the lower index ranks
+    first. Counted (no sort, no TopK: exact, TensorRT-buildable at any N), in blocks of ``chunk`` compared
+    elements. (..., N) → (..., N) float32. Cost O(N²) comparisons per row."""
+    num_tokens = int(values.shape[-1])
+    index = torch.arange(num_tokens, device=values.device)  # (N,)
+    lhs = values.unsqueeze(-1)  # (..., N, 1): the element being ranked
+    ranks = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+    for start in range(0, num_tokens, chunk):
+        stop = min(start + chunk, num_tokens)
+        rhs = values[..., start:stop].unsqueeze(-2)  # (..., 1, C)
+        lower_index = index[start:stop].view(1, -1) < index.view(-1, 1)  # (N, C): compared index is lower
+        ahead = (rhs > lhs) | ((rhs == lhs) & lower_index)  # (..., N, C)
+        ranks = ranks + ahead.to(torch.float32).sum(-1)
+    return ranks
+
+
+def trim_union_scores(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """``trim-union`` (union-rank): each token's best within-head rank over heads; higher score = better.
+
+    Keeping the top ``k`` by this score is exactly the union of the per-head top-m sets at the m where the union
+    reaches ``k`` (papers.md); at that boundary the lower index wins. → (B, N) float32.
+    """
+    per_head = head_text_attention(probs, row_weights)  # (B, H, N)
+    best_rank = top_ranks(per_head).amin(dim=1)  # (B, N)
+    return -best_rank
+
+
+def uniform_scores(batch_like: torch.Tensor, k: int) -> torch.Tensor:
+    """``uniform``: k evenly spaced tokens (the centres of k equal bins of the N tokens), a graph constant."""
+    batch, num_tokens = batch_like.shape[0], int(batch_like.shape[1])
+    chosen = np.floor((np.arange(k) + 0.5) * num_tokens / k).astype(np.int64)
+    values = np.zeros(num_tokens, dtype=np.float32)
+    values[chosen] = 1.0
+    constant = torch.tensor(values, device=batch_like.device)  # (N,)
+    return constant.unsqueeze(0).expand(batch, num_tokens)  # (B, N)
+
+
+def trim_score_fn(method: str, k: int, seed: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Trimmed-Llama scoring function for ``method``: (probs, row_weights, cross_attention_states) → (B, N)."""
+    functions = {
+        "trim-sum": lambda probs, rows, states: trim_sum_scores(probs, rows),
+        "trim-union": lambda probs, rows, states: trim_union_scores(probs, rows),
+        "l2": lambda probs, rows, states: l2_scores(states),
+        "random": lambda probs, rows, states: random_scores(states, seed),
+        "uniform": lambda probs, rows, states: uniform_scores(states, k),
+    }
+    if method not in functions:
+        raise UsageError(f"--method {method!r} does not apply to LLaMA-3.2-Vision; choose one of {', '.join(functions)}")
+    return functions[method]
+
+
+TRIM_METHODS = ("trim-sum", "trim-union", "l2", "random", "uniform")
+
+
 # A scoring method: (signals, resolved layer weights, config) -> scores (B, Q)
 ScoreFn = Callable[[Signals, Sequence[float], PruningConfig], torch.Tensor]
 
@@ -266,13 +339,18 @@ def score_bounds(
     return None if bounds is None else bounds(signals, layer_weights, config, tie_rtol)
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+ALL_METHODS = tuple(dict.fromkeys([*METHODS, *TRIM_METHODS]))
+
+
+def check_method(method: str, allowed: Sequence[str] | None = None) -> None:
+    """``allowed``: a model family's methods (None: any family's)."""
+    allowed = ALL_METHODS if allowed is None else tuple(allowed)
+    if method not in allowed:
+        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(allowed)}")
 
 
 def score_tokens(signals: Signals, layer_weights: Sequence[float], config: PruningConfig) -> torch.Tensor:
-    check_method(config.method)
+    check_method(config.method, METHODS)
     return METHODS[config.method](signals, layer_weights, config)
 
 

@@ -1,6 +1,6 @@
 """Tiny randomly initialised BLIP-2 checkpoints (model + processor, written with ``save_pretrained``).
 
-Used by the tests and, until a trained default model ships, by ``build.py`` when no ``--model`` is given.
+Used by the tests.
 The init traps of papers.md are handled: the vision tower's ``initializer_range`` defaults to 1e-10 (uniform
 attention, every score tied) and the query tokens start at zero (every query identical), so both are
 re-initialised here; LayerNorm weights are drawn around (1, 0) so that token norms differ (``l2`` would tie).
@@ -109,4 +109,117 @@ def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), t
                 module.bias.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ Mllama
+
+MLLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>", "<unk>")
+MLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|image|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyMllamaSpec:
+    image_size: int = 56  # tile size
+    patch_size: int = 14
+    max_num_tiles: int = 4
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_global_layers: int = 1
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 4
+    cross_attention_layers: tuple[int, ...] = (1, 3)
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    chat_template: bool = False
+    seed: int = 0
+
+
+def build_mllama_tokenizer(words=WORDS):
+    """Word-level tokenizer with Llama-3's special tokens; ``<|image|>`` takes the last id (= the text vocabulary
+    size, as in the real model). It adds no BOS itself: ``MllamaProcessor`` inserts ``<|begin_of_text|>``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in list(MLLAMA_SPECIALS) + list(words) + ["?", ":", ",", ".", "!"] + [str(d) for d in range(10)]:
+        vocab.setdefault(token, len(vocab))
+    vocab["<|image|>"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*MLLAMA_SPECIALS, "<|image|>")])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>", unk_token="<unk>", extra_special_tokens={"image_token": "<|image|>"},
+        padding_side="left",
+    )
+
+
+def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()) -> Path:
+    """Write a tiny ``MllamaForConditionalGeneration`` + ``MllamaProcessor`` to ``folder``.
+
+    Init traps (papers.md) handled: the cross-attention gates and the tile/aspect-ratio embedding gates start at 0
+    (the image would not matter), so they are set non-zero; the projector is redrawn at std 0.1 so that different
+    images give different answers.
+    """
+    import math
+
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tokenizer = build_mllama_tokenizer()
+    text_vocab = tokenizer.convert_tokens_to_ids("<|image|>")
+    indices = [0, 1] if spec.vision_layers >= 2 else [0]
+    config = MllamaConfig(
+        vision_config=dict(
+            image_size=spec.image_size, patch_size=spec.patch_size, max_num_tiles=spec.max_num_tiles,
+            hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+            num_global_layers=spec.vision_global_layers, attention_heads=spec.vision_heads,
+            intermediate_layers_indices=indices, vision_output_dim=spec.vision_hidden * (1 + len(indices)),
+            initializer_range=0.02,
+        ),
+        text_config=dict(
+            vocab_size=text_vocab, hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+            num_hidden_layers=spec.text_layers, cross_attention_layers=list(spec.cross_attention_layers),
+            num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=text_vocab,
+    )
+    torch.manual_seed(spec.seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            kind = type(module).__name__
+            if kind == "MllamaCrossAttentionDecoderLayer":
+                module.cross_attn_attn_gate.fill_(1.0)
+                module.cross_attn_mlp_gate.fill_(1.0)
+            elif kind in ("MllamaPrecomputedAspectRatioEmbedding", "MllamaPrecomputedPositionEmbedding"):
+                module.gate.fill_(0.5)
+            elif kind == "MllamaVisionEncoderLayer" and module.is_gated:
+                module.gate_attn.fill_(math.pi / 4)
+                module.gate_ffn.fill_(math.pi / 4)
+        model.model.multi_modal_projector.weight.normal_(0.0, 0.1)
+    model.generation_config.do_sample = False
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    image_processor = MllamaImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size}, max_image_tiles=spec.max_num_tiles,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                    chat_template=MLLAMA_CHAT_TEMPLATE if spec.chat_template else None).save_pretrained(folder)
     return folder

@@ -20,7 +20,8 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make the repo importable, and never shadow top-level modules
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -221,9 +222,7 @@ def run_parity(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report."""
-    from runtime.backends import load_runners
     from runtime.manifest import Manifest
-    from runtime.pipeline import make_pipeline
 
     say = (lambda *_: None) if quiet else (lambda msg: print(f"parity: {msg}", file=sys.stderr, flush=True))
     manifest = Manifest.load(engines, verify=False)
@@ -233,6 +232,7 @@ def run_parity(
     images = images if images is not None else default_images(len(questions))
     if len(images) != len(questions):
         raise UsageError(f"{len(images)} image(s) for {len(questions)} question(s)")
+    family_stages = family_parity(manifest.family)
 
     say("loading the PyTorch reference")
     from export import adapters  # lazy: torch lives in export/
@@ -244,13 +244,72 @@ def run_parity(
         if info[key] != manifest.model.get(key):
             raise ManifestError(f"{source}: not the checkpoint the engines were built from ({key} differs); pass --model")
 
-    reference_runners = {name: _RecordingRunner(r) for name, r in adapter.torch_runners(manifest.pruning).items()}
-    onnx_runners = {name: _RecordingRunner(r) for name, r in load_runners(manifest, backend).items()}
-    reference = make_pipeline(manifest, reference_runners)
-    reference.float_dtype = np.dtype(np.float32)  # the reference stays fp32 end to end, whatever the graphs' precision
-    onnx = make_pipeline(manifest, onnx_runners)
-    stages: dict[str, Any] = {"integrity": integrity}
+    context = ParityContext(manifest, adapter, backend, tol, images, questions, max_new_tokens, say)
+    stages: dict[str, Any] = {"integrity": integrity, **family_stages(context)}
+    report = {
+        "engines": str(Path(engines)),
+        "backend": backend,
+        "precision": manifest.precision,
+        "tolerances": tol,
+        "samples": len(questions),
+        "pruning": manifest.pruning,
+        "stages": stages,
+        "passed": all(stage["passed"] for stage in stages.values()),
+    }
+    out_path = Path(out_json) if out_json else Path(engines) / "parity.json"
+    out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    if not quiet:
+        for name, stage in stages.items():
+            print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
+        print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
+    return report
 
+
+@dataclass
+class ParityContext:
+    """What every family's stages get: the engines' manifest, the reference adapter, the inputs, tolerances."""
+
+    manifest: Any
+    adapter: Any
+    backend: str
+    tol: dict[str, float]
+    images: list
+    questions: list[str]
+    max_new_tokens: int
+    say: Callable[[str], None]
+
+    def pipelines(self):
+        """(reference pipeline, reference runners, ONNX pipeline, ONNX runners), runners recording every call."""
+        from runtime.backends import load_runners
+        from runtime.pipeline import make_pipeline
+
+        reference_runners = {name: _RecordingRunner(r) for name, r in self.adapter.torch_runners(self.manifest.pruning).items()}
+        onnx_runners = {name: _RecordingRunner(r) for name, r in load_runners(self.manifest, self.backend).items()}
+        reference = make_pipeline(self.manifest, reference_runners)
+        reference.float_dtype = np.dtype(np.float32)  # the reference stays fp32 end to end, whatever the graphs' precision
+        onnx = make_pipeline(self.manifest, onnx_runners)
+        return reference, reference_runners, onnx, onnx_runners
+
+
+# family name → module that defines ``stages(context) -> dict``: one per model family, imported when needed
+FAMILY_PARITY = {"blip2-opt": "runtime.parity:blip2_stages", "mllama": "runtime.parity_mllama:stages"}
+
+
+def family_parity(family: str) -> Callable[[ParityContext], dict[str, Any]]:
+    import importlib
+
+    if family not in FAMILY_PARITY:
+        raise UsageError(f"parity has no stages for model family {family!r} (known: {', '.join(FAMILY_PARITY)})")
+    module, function = FAMILY_PARITY[family].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def blip2_stages(context: ParityContext) -> dict[str, Any]:
+    """BLIP-2: preprocess, tokenize, visual, embed, prefill, decode, generation, hf_anchor."""
+    manifest, adapter, tol, say = context.manifest, context.adapter, context.tol, context.say
+    images, questions, max_new_tokens, backend = context.images, context.questions, context.max_new_tokens, context.backend
+    reference, reference_runners, onnx, onnx_runners = context.pipelines()
+    stages: dict[str, Any] = {}
     # -- preprocess and tokenize: runtime vs HF ------------------------------------------------------------
     say("preprocess + tokenize")
     hf_pixels = adapter.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
@@ -317,24 +376,7 @@ def run_parity(
     # -- anchor the reference to HF itself ------------------------------------------------------------------
     say("anchor: HF generate")
     stages["hf_anchor"] = hf_anchor(adapter, manifest, images, questions, ref_tokens, ref_visual, max_new_tokens, onnx)
-
-    report = {
-        "engines": str(Path(engines)),
-        "backend": backend,
-        "precision": manifest.precision,
-        "tolerances": tol,
-        "samples": len(questions),
-        "pruning": manifest.pruning,
-        "stages": stages,
-        "passed": all(stage["passed"] for stage in stages.values()),
-    }
-    out_path = Path(out_json) if out_json else Path(engines) / "parity.json"
-    out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    if not quiet:
-        for name, stage in stages.items():
-            print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
-        print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
-    return report
+    return stages
 
 
 def hf_anchor(adapter, manifest, images, questions, ref_tokens, ref_visual, max_new_tokens, pipeline) -> dict[str, Any]:
@@ -402,7 +444,9 @@ def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, marg
         for start in range(0, len(questions), batch):
             steps.clear()
             chunk = questions[start : start + batch]
-            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens, pixel_values=pixel_values[start : start + batch])
+            pixels = ({name: value[start : start + batch] for name, value in pixel_values.items()}
+                      if isinstance(pixel_values, dict) else pixel_values[start : start + batch])
+            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens, pixel_values=pixels)
             margins_out += [[float(step[row]) for step in steps] for row in range(len(chunk))]
     finally:
         pipeline.runners.update(originals)

@@ -236,6 +236,9 @@ PIPELINES: dict[str, type] = {Blip2Pipeline.family: Blip2Pipeline}
 
 
 def make_pipeline(manifest: Manifest, runners: dict[str, Runner], prompt_template: str | None = None):
+    from runtime.mllama import MllamaPipeline  # registered here: runtime.mllama builds on this module
+
+    PIPELINES.setdefault(MllamaPipeline.family, MllamaPipeline)
     if manifest.family not in PIPELINES:
         raise UsageError(f"this runtime has no pipeline for model family {manifest.family!r} (known: {', '.join(PIPELINES)})")
     return PIPELINES[manifest.family](manifest, runners, prompt_template)

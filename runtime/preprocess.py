@@ -64,6 +64,81 @@ def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict
     return {"pixel_values": np.stack(batch)}
 
 
+# ------------------------------------------------------------------------------------------------ Mllama
+
+
+def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
+    """(tiles high, tiles wide) with at most ``max_tiles`` tiles, in HF's order; ``aspect_ratio_id`` = index + 1."""
+    return [(high, wide) for high in range(1, max_tiles + 1) for wide in range(1, max_tiles + 1) if high * wide <= max_tiles]
+
+
+def optimal_tiled_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """HF's ``get_optimal_tiled_canvas``: the canvas (h, w) needing the smallest upscale, else the least downscale;
+    on equal scales the smallest area."""
+    canvases = np.array(supported_aspect_ratios(max_tiles)) * tile  # (R, 2) (h, w)
+    canvas_h, canvas_w = canvases[:, 0], canvases[:, 1]
+    scale_h, scale_w = canvas_h / height, canvas_w / width
+    scales = np.where(scale_w > scale_h, scale_h, scale_w)  # the binding side
+    upscales = scales[scales >= 1]
+    chosen = upscales.min() if upscales.size else scales[scales < 1].max()
+    candidates = canvases[scales == chosen]
+    best = candidates[np.argmin(candidates[:, 0] * candidates[:, 1])]
+    return int(best[0]), int(best[1])
+
+
+def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: int) -> tuple[int, int]:
+    """HF's ``get_image_size_fit_to_canvas``: the resized (h, w), aspect ratio kept, within the canvas."""
+    target_w = int(np.clip(width, tile, canvas_w))
+    target_h = int(np.clip(height, tile, canvas_h))
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        return min(int(np.floor(height * scale_w)) or 1, target_h), target_w
+    return target_h, min(int(np.floor(width * scale_h)) or 1, target_w)
+
+
+@register("mllama")
+def preprocess_mllama(images: list[Image.Image], settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    """LLaMA-3.2-Vision (``MllamaImageProcessorPil``), one image per prompt: RGB → resize to fit the best tiled
+    canvas → pad (bottom/right, before normalising) → rescale → normalise → split into tiles.
+
+    → pixel_values (B, 1, max_tiles, 3, tile, tile) float32 (missing tiles 0), aspect_ratio_ids (B, 1) int64,
+    aspect_ratio_mask (B, 1, max_tiles) int64, num_tiles (B,) int64.
+    """
+    tile, max_tiles = int(settings["tile_size"]), int(settings["max_image_tiles"])
+    ratios = supported_aspect_ratios(max_tiles)
+    batch = len(images)
+    pixel_values = np.zeros((batch, 1, max_tiles, 3, tile, tile), dtype=np.float32)
+    aspect_ratio_ids = np.zeros((batch, 1), dtype=np.int64)
+    aspect_ratio_mask = np.zeros((batch, 1, max_tiles), dtype=np.int64)
+    num_tiles = np.zeros(batch, dtype=np.int64)
+    mean = np.asarray(settings["image_mean"], dtype=np.float32)
+    std = np.asarray(settings["image_std"], dtype=np.float32)
+    for row, image in enumerate(images):
+        if settings.get("do_convert_rgb", True):
+            image = to_rgb(image)
+        width, height = image.size
+        canvas_h, canvas_w = optimal_tiled_canvas(height, width, max_tiles, tile)
+        tiles_h, tiles_w = canvas_h // tile, canvas_w // tile
+        new_h, new_w = fit_to_canvas(height, width, canvas_h, canvas_w, tile)
+        resized = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling(settings["resample"])))
+        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)  # padding is 0 before normalising
+        canvas[:new_h, :new_w] = resized
+        pixels = canvas.astype(np.float64)
+        if settings.get("do_rescale", True):
+            pixels = pixels * settings["rescale_factor"]
+        pixels = pixels.astype(np.float32)
+        if settings.get("do_normalize", True):
+            pixels = (pixels - mean) / std
+        chw = pixels.transpose(2, 0, 1)  # (3, canvas_h, canvas_w)
+        tiles = chw.reshape(3, tiles_h, tile, tiles_w, tile).transpose(1, 3, 0, 2, 4).reshape(tiles_h * tiles_w, 3, tile, tile)
+        pixel_values[row, 0, : len(tiles)] = tiles
+        aspect_ratio_ids[row, 0] = ratios.index((tiles_h, tiles_w)) + 1
+        aspect_ratio_mask[row, 0, : len(tiles)] = 1
+        num_tiles[row] = len(tiles)
+    return {"pixel_values": pixel_values, "aspect_ratio_ids": aspect_ratio_ids, "aspect_ratio_mask": aspect_ratio_mask,
+            "num_tiles": num_tiles}
+
+
 def preprocess(images: list[Image.Image], settings: dict[str, Any]) -> dict[str, np.ndarray]:
     kind = settings["kind"]
     if kind not in PREPROCESSORS:

@@ -56,4 +56,4 @@ def get(name: str) -> type[ModelAdapter]:
 
 
 # Adapters register themselves on import.
-from export.adapters import blip2  # noqa: E402,F401
+from export.adapters import blip2, mllama  # noqa: E402,F401

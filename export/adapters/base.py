@@ -65,6 +65,7 @@ class ModelAdapter(ABC):
     name: ClassVar[str]  # family name, also the runtime pipeline's name
     architectures: ClassVar[tuple[str, ...]]  # HF ``architectures`` entries this adapter accepts
     methods: ClassVar[tuple[str, ...]]
+    default_method: ClassVar[str]
     default_prompt_template: ClassVar[str]
 
     def __init__(self, path: str | Path, precision: str = "fp32"):

@@ -23,7 +23,7 @@ from export.adapters import register
 from export.adapters.base import GraphExport, ModelAdapter
 from export.models import opt
 from export.pruning import PruningConfig, Signals
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, UsageError
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -117,6 +117,7 @@ class Blip2OptAdapter(ModelAdapter):
     name = "blip2-opt"
     architectures = ("Blip2ForConditionalGeneration",)
     methods = tuple(pruning.METHODS)
+    default_method = "catp"
     default_prompt_template = "Question: {} Answer:"
 
     def __init__(self, path: str | Path, precision: str = "fp32"):
@@ -170,7 +171,9 @@ class Blip2OptAdapter(ModelAdapter):
         }
 
     def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        pruning.check_method(config.method)
+        pruning.check_method(config.method, self.methods)
+        if config.trim_first_layer:
+            raise UsageError("--trim-first-layer is a Trimmed-Llama (LLaMA-3.2-Vision) option; BLIP-2 has no cross-attention cache")
         k = pruning.keep_count(self.num_queries, config.ratio)
         layer_weights = pruning.parse_layer_weights(config.layer_weights, self.num_cross_layers)
         return {
@@ -280,7 +283,7 @@ class Blip2OptAdapter(ModelAdapter):
             "image_std": [float(v) for v in image_processor.image_std],
         }
 
-    def text_settings(self, prompt_template: str) -> dict[str, Any]:
+    def text_settings(self, prompt_template: str | None) -> dict[str, Any]:
         from export.tokenizer_probe import special_ids_around_text
 
         tokenizer = self.processor.tokenizer
@@ -291,7 +294,7 @@ class Blip2OptAdapter(ModelAdapter):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
         return {
             "tokenizer": "tokenizer.json",
-            "prompt_template": prompt_template,
+            "prompt_template": prompt_template or self.default_prompt_template,
             "prefix_ids": prefix_ids,
             "suffix_ids": suffix_ids,
             "bos_token_id": tokenizer.bos_token_id,

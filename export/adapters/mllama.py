@@ -1,0 +1,248 @@
+"""LLaMA-3.2-Vision (``MllamaForConditionalGeneration``) + Trimmed Llama: the adapter.
+
+Graphs (static ``k``, dynamic batch; one image per prompt):
+
+    vision   pixel_values (B,1,tiles,3,H,W), aspect_ratio_ids (B,1), aspect_ratio_mask (B,1,tiles)
+             → cross_attention_states (B,N,D)                                  N = tiles × tokens per tile
+    prefill  input_ids, attention_mask, position_ids (B,T), cross_attention_states, cross_attention_mask (B,T,1,tiles)
+             → logits (B,V), present.{i}.key|value (self layers), cross.{i}.key|value (cross layers: k tokens, the
+               first one N unless --trim-first-layer), cross_mask_full (B,N), cross_mask_kept (B,k),
+               text_row_mask (B,1), kept_indices (B,k), scores (B,N)
+    decode   input_ids (B,1), attention_mask (B,P+1), position_ids (B,1), the masks, past.* and cross.*
+             → logits (B,V), present.*
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import pruning
+from export.adapters import register
+from export.adapters.base import GraphExport, ModelAdapter
+from export.adapters.blip2 import config_sha256, weights_sha256
+from export.models import mllama
+from export.pruning import PruningConfig
+from runtime.errors import CheckpointError, UsageError
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json",)
+DEFAULT_PROMPT = "<|image|>Question: {} Answer:"
+
+
+@register
+class MllamaAdapter(ModelAdapter):
+    name = "mllama"
+    architectures = ("MllamaForConditionalGeneration",)
+    methods = pruning.TRIM_METHODS
+    default_method = "trim-sum"
+    default_prompt_template = DEFAULT_PROMPT
+
+    def __init__(self, path: str | Path, precision: str = "fp32"):
+        super().__init__(path, precision)
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        if not any((self.path / f).is_file() for f in PROCESSOR_FILES):
+            raise CheckpointError(
+                f"{self.path}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor beside the model "
+                "with processor.save_pretrained(folder)"
+            )
+        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(f"{self.path}: no tokenizer.json beside the model (the runtime needs the fast tokenizer)")
+        self.processor = AutoProcessor.from_pretrained(self.path)
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.model = MllamaForConditionalGeneration.from_pretrained(self.path, attn_implementation="eager", dtype=dtype).eval()
+        self.config = self.model.config
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.model.model.vision_model.num_patches)
+
+    @property
+    def max_tiles(self) -> int:
+        return int(self.config.vision_config.max_num_tiles)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.max_tiles * self.tokens_per_tile  # one image per prompt
+
+    def model_info(self) -> dict[str, Any]:
+        text = self.config.text_config
+        return {
+            "source": str(self.path.resolve()),
+            "architecture": self.architectures[0],
+            "config_sha256": config_sha256(self.path),
+            "weights_sha256": weights_sha256(self.path),
+            "cross_attention_layers": [int(i) for i in text.cross_attention_layers],
+            "tile_size": int(self.config.vision_config.image_size),
+            "max_num_tiles": self.max_tiles,
+            "tokens_per_tile": self.tokens_per_tile,
+        }
+
+    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
+        pruning.check_method(config.method, self.methods)
+        if config.layer_weights != "uniform" or config.image_importance:
+            raise UsageError("--layer-weights and --image-importance are CATP (BLIP-2) options; LLaMA-3.2-Vision scores at the first cross-attention layer")
+        if positions != "original":
+            raise UsageError("--positions applies to BLIP-2 only: Mllama's visual tokens are cross-attention keys and have no positions")
+        k = pruning.keep_count(self.num_visual_tokens, config.ratio)
+        return {
+            "method": config.method,
+            "ratio": config.ratio,
+            "k": k,
+            "num_visual_tokens": self.num_visual_tokens,
+            "what": "cross_attention_states tokens (one image: tiles × tokens per tile, padded tiles included)",
+            "images_per_prompt": 1,
+            "max_num_tiles": self.max_tiles,
+            "tokens_per_tile": self.tokens_per_tile,
+            "scored_at_layer": int(self.config.text_config.cross_attention_layers[0]),
+            "trim_first_layer": bool(config.trim_first_layer),
+            "seed": config.seed,
+            "positions": positions,
+            "layer_weights": None,
+            "image_importance": False,
+        }
+
+    # ------------------------------------------------------------------ graphs
+    def prefill_module(self, resolved: dict[str, Any]) -> mllama.TrimmedPrefill:
+        score = pruning.trim_score_fn(resolved["method"], resolved["k"], resolved["seed"])
+        return mllama.TrimmedPrefill(self.model, score, resolved["k"], resolved["trim_first_layer"])
+
+    def graphs(self, resolved: dict[str, Any]) -> list[GraphExport]:
+        vision_config, text = self.config.vision_config, self.config.text_config
+        tile, tiles = int(vision_config.image_size), self.max_tiles
+        num_tokens, k = resolved["num_visual_tokens"], resolved["k"]
+        kv_heads, head_dim = int(text.num_key_value_heads), int(text.hidden_size // text.num_attention_heads)
+        float_dtype = self.model.dtype
+        batch, length, past = 2, 5, 4  # non-degenerate sizes so that nothing specialises to 1
+        image_token = int(self.config.image_token_id)
+
+        vision = GraphExport(
+            name="vision",
+            module=mllama.VisionEncoder(self.model),
+            args=(torch.randn(batch, 1, tiles, 3, tile, tile, dtype=float_dtype), torch.ones(batch, 1, dtype=torch.long),
+                  torch.ones(batch, 1, tiles, dtype=torch.long)),
+            input_names=["pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"],
+            output_names=["cross_attention_states"],
+            dynamic_axes={name: {0: "batch"} for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_states")},
+        )
+        prefill_module = self.prefill_module(resolved)
+        input_ids = torch.randint(0, image_token, (batch, length))
+        cross_attention_mask = torch.ones(batch, length, 1, tiles, dtype=torch.long)
+        prefill = GraphExport(
+            name="prefill",
+            module=prefill_module,
+            args=(input_ids, torch.ones(batch, length, dtype=torch.long), torch.arange(length).repeat(batch, 1),
+                  torch.randn(batch, num_tokens, int(text.hidden_size), dtype=float_dtype), cross_attention_mask),
+            input_names=["input_ids", "attention_mask", "position_ids", "cross_attention_states", "cross_attention_mask"],
+            output_names=prefill_module.output_names,
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "prompt_len"}, "attention_mask": {0: "batch", 1: "prompt_len"},
+                "position_ids": {0: "batch", 1: "prompt_len"}, "cross_attention_states": {0: "batch"},
+                "cross_attention_mask": {0: "batch", 1: "prompt_len"},
+                **{name: {0: "batch"} for name in prefill_module.output_names},
+                **{name: {0: "batch", 2: "prompt_len"} for name in mllama.cache_names(prefill_module.self_layers, "present")},
+            },
+        )
+        decode_module = mllama.DecodeStep(self.model, resolved["trim_first_layer"])
+        first_cross = decode_module.cross_layers[0]
+        example = {
+            "input_ids": torch.randint(0, image_token, (batch, 1)),
+            "attention_mask": torch.ones(batch, past + 1, dtype=torch.long),
+            "position_ids": torch.full((batch, 1), past),
+            "cross_mask_full": torch.zeros(batch, num_tokens),
+            "cross_mask_kept": torch.zeros(batch, k),
+            "text_row_mask": torch.ones(batch, 1),
+        }
+        for name in mllama.cache_names(decode_module.self_layers, "past"):
+            example[name] = torch.randn(batch, kv_heads, past, head_dim, dtype=float_dtype)
+        for index in decode_module.cross_layers:
+            width = num_tokens if index == first_cross and not resolved["trim_first_layer"] else k
+            for part in ("key", "value"):
+                example[f"cross.{index}.{part}"] = torch.randn(batch, kv_heads, width, head_dim, dtype=float_dtype)
+        decode = GraphExport(
+            name="decode",
+            module=decode_module,
+            args=tuple(example[name] for name in decode_module.input_names),
+            input_names=decode_module.input_names,
+            output_names=decode_module.output_names,
+            dynamic_axes={
+                "attention_mask": {0: "batch", 1: "total_len"},
+                **{name: {0: "batch"} for name in decode_module.input_names if name != "attention_mask"},
+                **{name: {0: "batch", 2: "past_len"} for name in mllama.cache_names(decode_module.self_layers, "past")},
+                "logits": {0: "batch"},
+                **{name: {0: "batch", 2: "total_len"} for name in mllama.cache_names(decode_module.self_layers, "present")},
+            },
+        )
+        return [vision, prefill, decode]
+
+    def score_bounds(self, pruning_settings, feeds, tie_rtol):
+        return None  # trim-sum / l2 scores are continuous; trim-union's rank bounds are not implemented (tolerance compare)
+
+    # ------------------------------------------------------------------ runtime settings
+    def preprocess_settings(self) -> dict[str, Any]:
+        image_processor = self.processor.image_processor
+        size = image_processor.size
+        height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
+        if height != width:
+            raise CheckpointError(f"{self.path}: Mllama tiles must be square, got {height}×{width}")
+        return {
+            "kind": "mllama",
+            "tile_size": int(height),
+            "max_image_tiles": int(image_processor.max_image_tiles),
+            "resample": int(image_processor.resample),
+            "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
+            "do_rescale": bool(image_processor.do_rescale),
+            "rescale_factor": float(image_processor.rescale_factor),
+            "do_normalize": bool(image_processor.do_normalize),
+            "image_mean": [float(v) for v in image_processor.image_mean],
+            "image_std": [float(v) for v in image_processor.image_std],
+        }
+
+    def text_settings(self, prompt_template: str | None) -> dict[str, Any]:
+        from export.tokenizer_probe import special_ids_around_text
+
+        tokenizer = self.processor.tokenizer
+        prefix_ids, suffix_ids = special_ids_around_text(tokenizer)
+        generation = self.model.generation_config
+        eos = generation.eos_token_id if generation.eos_token_id is not None else self.config.text_config.eos_token_id
+        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        chat_template = getattr(self.processor, "chat_template", None)
+        return {
+            "tokenizer": "tokenizer.json",
+            "prompt_template": prompt_template,  # None: the chat template when there is one, else the default
+            "default_prompt_template": DEFAULT_PROMPT,
+            "chat_template": chat_template if isinstance(chat_template, str) else None,
+            "prefix_ids": prefix_ids,
+            "suffix_ids": suffix_ids,
+            "bos_token": tokenizer.bos_token,
+            "bos_token_id": tokenizer.bos_token_id,
+            "image_token": "<|image|>",
+            "image_token_id": int(self.config.image_token_id),
+            "eos_token_ids": eos_ids,
+            "pad_token_id": int(pad),
+        }
+
+    def language_model_settings(self) -> dict[str, Any]:
+        text = self.config.text_config
+        cross = [int(i) for i in text.cross_attention_layers]
+        return {
+            "type": "mllama",
+            "num_layers": int(text.num_hidden_layers),
+            "self_attention_layers": [i for i in range(int(text.num_hidden_layers)) if i not in cross],
+            "cross_attention_layers": cross,
+            "num_heads": int(text.num_attention_heads),
+            "num_key_value_heads": int(text.num_key_value_heads),
+            "head_dim": int(text.hidden_size // text.num_attention_heads),
+            "hidden_size": int(text.hidden_size),
+            "vocab_size": int(text.vocab_size),
+        }
+
+    def save_tokenizer(self, folder: Path) -> str:
+        self.processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        return "tokenizer.json"

@@ -1,0 +1,152 @@
+"""Parity stages for LLaMA-3.2-Vision (Mllama) + Trimmed Llama (``parity.py`` dispatches here by model family).
+
+Stages: ``preprocess`` (runtime pixel values, aspect-ratio ids and mask vs the HF image processor), ``tokenize``
+(runtime ids and cross-attention mask vs ``MllamaProcessor``), ``vision`` (cross_attention_states), ``prefill``
+(scores, kept-index sets with near-tie analysis, logits, self and trimmed cross caches, decode masks — the graph fed
+the reference's own inputs), ``decode`` (one step, fed the reference's inputs), ``generation`` (greedy tokens of the
+whole ONNX pipeline vs the reference pipeline) and ``hf_anchor`` (ratio 0: the reference's tokens vs HF
+``MllamaForConditionalGeneration.generate``; with trimming HF has no equivalent, the reference is the check).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.mllama import cross_attention_mask
+from runtime.parity import (ParityContext, _answer_with_margins, _cast_feeds, _concat_calls, _strip_after_eos,
+                            compare_kept_sets, compare_tensors, compare_tokens, tensor_stats)
+
+
+def hf_inputs(adapter, images, prompt_texts: list[str], chat: bool) -> list[dict]:
+    """MllamaProcessor's own inputs for each (image, prompt), one sample at a time (no padding)."""
+    processor = adapter.processor
+    kwargs = {"add_special_tokens": False} if chat else {}
+    return [processor(images=[[image]], text=[text], return_tensors="np", **kwargs) for image, text in zip(images, prompt_texts)]
+
+
+def stages(context: ParityContext) -> dict[str, Any]:
+    manifest, adapter, tol, say = context.manifest, context.adapter, context.tol, context.say
+    images, questions, max_new_tokens = context.images, context.questions, context.max_new_tokens
+    reference, reference_runners, onnx, onnx_runners = context.pipelines()
+    result: dict[str, Any] = {}
+
+    # -- preprocess and tokenize: runtime vs HF --------------------------------------------------------------
+    say("preprocess + tokenize")
+    hf = adapter.processor.image_processor([[image] for image in images], return_tensors="np")
+    hf_pixels = {"pixel_values": hf["pixel_values"].astype(np.float32),
+                 "aspect_ratio_ids": hf["aspect_ratio_ids"].astype(np.int64),
+                 "aspect_ratio_mask": hf["aspect_ratio_mask"].astype(np.int64)}
+    pixels = onnx.preprocess(images)
+    same_shape = hf_pixels["pixel_values"].shape == pixels["pixel_values"].shape
+    stats = tensor_stats(hf_pixels["pixel_values"], pixels["pixel_values"]) if same_shape else {"max_abs": float("inf")}
+    ids_equal = bool(np.array_equal(hf_pixels["aspect_ratio_ids"], pixels["aspect_ratio_ids"]))
+    mask_equal = bool(np.array_equal(hf_pixels["aspect_ratio_mask"], pixels["aspect_ratio_mask"]))
+    result["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"] and ids_equal and mask_equal,
+                            "shape": list(pixels["pixel_values"].shape), "aspect_ratio_ids_equal": ids_equal,
+                            "aspect_ratio_mask_equal": mask_equal, **stats}
+
+    chat = onnx.prompt.chat_template is not None
+    texts = [onnx.prompt.text(q) for q in questions]
+    if chat:  # HF renders the chat template itself
+        messages = lambda q: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        hf_texts = [adapter.processor.apply_chat_template(messages(q), add_generation_prompt=True) for q in questions]
+    else:
+        hf_texts = [format_template(onnx.prompt.template, q) for q in questions]
+    encoded = hf_inputs(adapter, images, hf_texts, chat)
+    runtime_ids = onnx.encode_questions(questions)
+    rows = []
+    for row, (ids, enc) in enumerate(zip(runtime_ids, encoded)):
+        hf_ids = enc["input_ids"][0].tolist()
+        mask = cross_attention_mask([ids], len(ids), onnx.prompt.image_token_id,
+                                    pixels["aspect_ratio_mask"][row : row + 1, 0].sum(-1), int(manifest.pruning["max_num_tiles"]))
+        rows.append({"ids_equal": hf_ids == ids, "cross_attention_mask_equal": bool(np.array_equal(mask, enc["cross_attention_mask"])),
+                     "hf_ids": hf_ids, "runtime_ids": ids})
+    result["tokenize"] = {"passed": all(r["ids_equal"] and r["cross_attention_mask_equal"] for r in rows),
+                          "prompts": texts, "hf_prompts": hf_texts, "rows": rows}
+
+    # -- end to end on HF's pixel values --------------------------------------------------------------------
+    say("generation: PyTorch reference")
+    margins: list[list[float]] = []
+    ref_answers = _answer_with_margins(reference, hf_pixels, questions, max_new_tokens, margins)
+    say(f"generation: ONNX ({context.backend})")
+    onnx_answers = onnx.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=hf_pixels)
+
+    # -- per graph, each fed the reference's inputs ------------------------------------------------------
+    say("vision / prefill / decode graphs")
+    feeds, ref_out = _concat_calls(reference_runners["vision"].calls)
+    onnx_out = onnx_runners["vision"].runner.run(_cast_feeds(feeds, manifest.graphs["vision"]))
+    result["vision"] = compare_tensors(ref_out, onnx_out, ["cross_attention_states"], tol)
+
+    prefill_stage: dict[str, Any] = {}
+    cross_names = [t.name for t in manifest.graphs["prefill"].outputs if t.name.startswith("cross.")]
+    kept_rows_all = []
+    for feeds, ref_out in reference_runners["prefill"].calls:
+        onnx_out = onnx_runners["prefill"].runner.run(_cast_feeds(feeds, manifest.graphs["prefill"]))
+        kept = compare_kept_sets(ref_out["scores"], ref_out["kept_indices"], onnx_out["kept_indices"], tol["score_rtol"])
+        same = [r["row"] for r in kept["rows"] if r["equal"]]
+        kept_rows_all.append(kept)
+        names = ["logits", *[n for n in ref_out if n.startswith("present.")], "text_row_mask", "cross_mask_full"]
+        tensors = compare_tensors(ref_out, onnx_out, names, tol)
+        rows_only = compare_tensors({n: ref_out[n][same] for n in cross_names + ["cross_mask_kept"]},
+                                    {n: onnx_out[n][same] for n in cross_names + ["cross_mask_kept"]},
+                                    cross_names + ["cross_mask_kept"], tol)
+        prefill_stage.setdefault("calls", []).append({
+            "scores": compare_tensors(ref_out, onnx_out, ["scores"], {**tol, "rtol": tol["score_rtol"]}),
+            "kept_indices": kept, "tensors": tensors, "trimmed_cross_caches": rows_only,
+        })
+    calls = prefill_stage["calls"]
+    prefill_stage["near_ties"] = sum(c["kept_indices"]["near_ties"] for c in calls)
+    prefill_stage["mismatches"] = sum(c["kept_indices"]["mismatches"] for c in calls)
+    prefill_stage["passed"] = all(c["scores"]["passed"] and c["kept_indices"]["passed"] and c["tensors"]["passed"]
+                                  and c["trimmed_cross_caches"]["passed"] for c in calls)
+    result["prefill"] = prefill_stage
+
+    decode_calls = reference_runners["decode"].calls
+    if decode_calls:
+        feeds, ref_out = decode_calls[0]
+        onnx_out = onnx_runners["decode"].runner.run(_cast_feeds(feeds, manifest.graphs["decode"]))
+        result["decode"] = compare_tensors(ref_out, onnx_out, list(ref_out), tol)
+    else:
+        result["decode"] = {"passed": True, "skipped": "the reference never ran a decode step (EOS at once)"}
+
+    ref_tokens = [a.token_ids for a in ref_answers]
+    tied_rows = set()
+    offset = 0
+    for call in kept_rows_all:  # rows of each batch, numbered over the whole set
+        tied_rows |= {offset + r["row"] for r in call["rows"] if not r["equal"] and r["near_tie"]}
+        offset += len(call["rows"])
+    result["generation"] = compare_tokens(ref_tokens, [a.token_ids for a in onnx_answers], margins, tol["atol"], tied_rows)
+    result["generation"]["answers"] = [
+        {"question": q, "reference": r.answer, "onnx": o.answer, "kept_indices_reference": r.kept_indices,
+         "kept_indices_onnx": o.kept_indices, "cross_kv_bytes": o.extra.get("cross_kv_bytes")}
+        for q, r, o in zip(questions, ref_answers, onnx_answers)
+    ]
+
+    say("anchor: HF generate")
+    result["hf_anchor"] = hf_anchor(adapter, manifest, encoded, ref_tokens, max_new_tokens)
+    return result
+
+
+def format_template(template: str, question: str) -> str:
+    return template.replace("{}", question, 1)
+
+
+def hf_anchor(adapter, manifest, encoded: list[dict], ref_tokens: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+    """Ratio 0 (every token kept, the first layer untrimmed): the reference's tokens equal HF's own generate."""
+    import torch
+
+    if manifest.pruning["ratio"] != 0:
+        return {"passed": True, "applicable": False,
+                "why": "HF has no trimmed cross-attention; the reference (HF's layers with the trimming in export/) is the check"}
+    tokens = []
+    kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0)
+    with torch.no_grad():
+        for enc in encoded:
+            inputs = {name: torch.from_numpy(np.asarray(value)) for name, value in enc.items()}
+            output = adapter.model.generate(**inputs, **kwargs)
+            tokens.append(output[0, inputs["input_ids"].shape[1]:].tolist())
+    eos = set(manifest.text["eos_token_ids"])
+    tokens = [_strip_after_eos(t, eos) for t in tokens]
+    return {"passed": tokens == ref_tokens, "applicable": True, "mode": "MllamaForConditionalGeneration.generate",
+            "hf": tokens, "reference": ref_tokens}
