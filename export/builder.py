@@ -126,6 +126,7 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
     validate(options)
     adapter_cls = adapters.detect(options.model)
     options = with_default_method(options, adapter_cls)
+    adapter_cls.check_options(options.pruning, options.positions)  # before the (possibly large) checkpoint is loaded
     out = Path(options.out) if options.out else default_out(options, engines_root)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise UsageError(f"--out {out} exists and is not an engines folder; choose an empty or new folder")

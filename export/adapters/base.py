@@ -73,6 +73,13 @@ class ModelAdapter(ABC):
         self.precision = precision
         quiet_transformers()
 
+    @classmethod
+    def check_options(cls, config: PruningConfig, positions: str) -> None:
+        """Flag checks that need the family but not the weights: they fail before the checkpoint is loaded."""
+        from export import pruning
+
+        pruning.check_method(config.method, cls.methods)
+
     @abstractmethod
     def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
         """The manifest's ``pruning`` section: method, ratio, k, N, resolved layer weights, ..."""

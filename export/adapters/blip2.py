@@ -170,10 +170,14 @@ class Blip2OptAdapter(ModelAdapter):
             "image_size": int(self.config.vision_config.image_size),
         }
 
-    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        pruning.check_method(config.method, self.methods)
+    @classmethod
+    def check_options(cls, config: PruningConfig, positions: str) -> None:
+        super().check_options(config, positions)
         if config.trim_first_layer:
             raise UsageError("--trim-first-layer is a Trimmed-Llama (LLaMA-3.2-Vision) option; BLIP-2 has no cross-attention cache")
+
+    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
+        self.check_options(config, positions)
         k = pruning.keep_count(self.num_queries, config.ratio)
         layer_weights = pruning.parse_layer_weights(config.layer_weights, self.num_cross_layers)
         return {

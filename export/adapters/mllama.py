@@ -83,12 +83,16 @@ class MllamaAdapter(ModelAdapter):
             "tokens_per_tile": self.tokens_per_tile,
         }
 
-    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        pruning.check_method(config.method, self.methods)
+    @classmethod
+    def check_options(cls, config: PruningConfig, positions: str) -> None:
+        super().check_options(config, positions)
         if config.layer_weights != "uniform" or config.image_importance:
             raise UsageError("--layer-weights and --image-importance are CATP (BLIP-2) options; LLaMA-3.2-Vision scores at the first cross-attention layer")
         if positions != "original":
             raise UsageError("--positions applies to BLIP-2 only: Mllama's visual tokens are cross-attention keys and have no positions")
+
+    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
+        self.check_options(config, positions)
         k = pruning.keep_count(self.num_visual_tokens, config.ratio)
         return {
             "method": config.method,
