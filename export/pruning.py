@@ -271,6 +271,17 @@ def trim_union_scores(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.T
     return -best_rank
 
 
+def trim_union_score_bounds(probs: torch.Tensor, row_weights: torch.Tensor, tie_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parity: the lowest and highest ``trim-union`` score of every token when per-head attention sums within
+    ``tie_rtol`` of each other may rank either way (the scores are rank counts, discontinuous like CATP's)."""
+    per_head = head_text_attention(probs, row_weights)  # (B, H, N)
+    num_tokens = per_head.shape[-1]
+    below_low, below_high = rank_bounds(per_head, dim=-1, tie_rtol=tie_rtol)  # elements below: (B, H, N) each
+    best_rank_low = ((num_tokens - 1) - below_high).amin(dim=1)  # best (smallest) top rank it can reach
+    best_rank_high = ((num_tokens - 1) - below_low).amin(dim=1)
+    return -best_rank_high, -best_rank_low  # score = -best rank
+
+
 def uniform_scores(batch_like: torch.Tensor, k: int) -> torch.Tensor:
     """``uniform``: k evenly spaced tokens (the centres of k equal bins of the N tokens), a graph constant."""
     batch, num_tokens = batch_like.shape[0], int(batch_like.shape[1])

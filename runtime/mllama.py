@@ -31,7 +31,7 @@ from runtime.text import TextCodec, format_prompt
 def render_chat_template(template: str, question: str, bos_token: str | None, eos_token: str | None = None) -> str:
     """The checkpoint's chat template for one user turn (an image, then the question) + the generation prompt,
     rendered with jinja2 as transformers does (sandboxed, trim_blocks, lstrip_blocks, loopcontrols)."""
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):

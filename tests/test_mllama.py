@@ -87,6 +87,21 @@ def test_trim_union_by_hand_and_against_the_union_definition():
                 assert kept[batch].tolist() == expected, (trial, k)
 
 
+def test_trim_union_bounds_contain_nearby_backends():
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(2, 3, 4, 30, generator=generator) * 2, dim=-1)
+    probs[..., 7] = probs[..., 8]  # a float-level tie: its ranks may go either way
+    rows = torch.ones(2, 4)
+    lower, upper = pruning.trim_union_score_bounds(probs, rows, tie_rtol=3e-6)
+    scores = pruning.trim_union_scores(probs, rows).double()
+    assert bool(((lower <= scores) & (scores <= upper)).all())
+    assert bool((upper[:, 7] > lower[:, 7]).any() or (upper[:, 8] > lower[:, 8]).any())
+    for trial in range(5):
+        noisy = probs * (1 + 1e-6 * (2 * torch.rand(probs.shape, generator=generator) - 1))
+        other = pruning.trim_union_scores(noisy, rows).double()
+        assert bool(((lower <= other) & (other <= upper)).all()), trial
+
+
 def test_top_ranks_chunked_equals_sort():
     values = torch.tensor([[3.0, 1.0, 3.0, 2.0, 0.5, 3.0]])
     assert pruning.top_ranks(values, chunk=4).tolist() == [[0, 4, 1, 3, 5, 2]]
@@ -315,3 +330,27 @@ def test_real_token_count_builds_without_large_topk(tmp_path, method, ratio):
         reference = dict(zip(prefill.output_names, prefill(*[torch.from_numpy(feeds[n]) for n in
                                                              ("input_ids", "attention_mask", "position_ids", "cross_attention_states", "cross_attention_mask")])))
     assert kept.shape == (1, k) and set(kept[0].tolist()) == set(reference["kept_indices"][0].tolist())
+
+
+def test_mllama_runtime_never_imports_torch(tiny_mllama, sample_files, tmp_path):
+    """Answer with Mllama engines in a fresh interpreter (the chat-template renderer and parity module imported
+    too): torch, transformers and export/ never get loaded."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "engines"
+    run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", "--out", str(out), "--quiet", check=True)
+    code = f"""
+import sys, io, contextlib
+sys.path.insert(0, {str(REPO)!r})
+import runtime.mllama, runtime.parity_mllama, runtime.infer
+runtime.mllama.render_chat_template("{{{{ bos_token }}}}{{% for m in messages %}}{{{{ m['role'] }}}}{{% endfor %}}", "q", "<B>")
+with contextlib.redirect_stdout(io.StringIO()):
+    assert runtime.infer.main(["--engines", {str(out)!r}, "--image", {str(sample_files[0])!r}, "--question", "what?", "--json"]) == 0
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "export")))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -114,7 +114,7 @@ class MllamaAdapter(ModelAdapter):
     # ------------------------------------------------------------------ graphs
     def prefill_module(self, resolved: dict[str, Any]) -> mllama.TrimmedPrefill:
         score = pruning.trim_score_fn(resolved["method"], resolved["k"], resolved["seed"])
-        return mllama.TrimmedPrefill(self.model, score, resolved["k"], resolved["trim_first_layer"])
+        return mllama.TrimmedPrefill(self.model, score, resolved["k"], resolved["trim_first_layer"], resolved["method"])
 
     def graphs(self, resolved: dict[str, Any]) -> list[GraphExport]:
         vision_config, text = self.config.vision_config, self.config.text_config
@@ -183,9 +183,6 @@ class MllamaAdapter(ModelAdapter):
             },
         )
         return [vision, prefill, decode]
-
-    def score_bounds(self, pruning_settings, feeds, tie_rtol):
-        return None  # trim-sum / l2 scores are continuous; trim-union's rank bounds are not implemented (tolerance compare)
 
     # ------------------------------------------------------------------ runtime settings
     def preprocess_settings(self) -> dict[str, Any]:

@@ -153,6 +153,7 @@ def cache_names(layers: list[int], prefix: str) -> list[str]:
 
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SCORE_BOUNDS = {"trim-union": pruning.trim_union_score_bounds}  # rank-count methods: parity compares against bounds
 
 
 class _Text(nn.Module):
@@ -188,15 +189,24 @@ class TrimmedPrefill(_Text):
     ascending; ``scores`` (B, N) float32.
     """
 
-    def __init__(self, model: nn.Module, score: ScoreFn, k: int, trim_first_layer: bool):
+    def __init__(self, model: nn.Module, score: ScoreFn, k: int, trim_first_layer: bool, method: str = ""):
         super().__init__(model)
-        self.score, self.k, self.trim_first_layer = score, k, trim_first_layer
+        self.score, self.k, self.trim_first_layer, self.method = score, k, trim_first_layer, method
         self.output_names = ["logits", *cache_names(self.self_layers, "present"), *cache_names(self.cross_layers, "cross"),
                              "cross_mask_full", "cross_mask_kept", "text_row_mask", "kept_indices", "scores"]
 
     def signals(self, input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask):
         """Run up to and including the first cross-attention layer's attention: what the scoring reads."""
         return self._run(input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask, stop_at_scores=True)
+
+    @torch.no_grad()
+    def score_bounds(self, input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask, tie_rtol: float):
+        """(lower, upper) scores reachable under float-level differences, for rank-count methods; else None."""
+        bounds = SCORE_BOUNDS.get(self.method)
+        if bounds is None:
+            return None
+        probs, row_weights, _ = self.signals(input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask)
+        return bounds(probs, row_weights, tie_rtol)
 
     def forward(self, input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask):
         outputs = self._run(input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask)
