@@ -55,10 +55,30 @@ def default_model() -> Path:
     return DEFAULT_MODEL
 
 
+def build_or_explain(options, quiet: bool) -> Path:
+    """``build()``; an unexpected failure becomes one line naming a log file with the full traceback (the builder
+    has already removed everything it staged)."""
+    import tempfile
+    import traceback
+
+    from export.builder import build
+    from runtime.errors import ExportError, VtpruneError
+
+    try:
+        return build(options, ENGINES, quiet=quiet)
+    except VtpruneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - reported as one line, the details in the log
+        with tempfile.NamedTemporaryFile("w", prefix="vtprune-build-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"export failed ({type(err).__name__}: {first_line}); full traceback in {log.name}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli_errors("build.py"):
-        from export.builder import BuildOptions, build, validate
+        from export.builder import BuildOptions, validate
         from export.pruning import PruningConfig
         from export.tracing import TWO_GB
 
@@ -84,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(options)  # bad flags fail before anything is loaded or written
         if options.model is None:
             options.model = default_model()
-        out = build(options, ENGINES, quiet=args.quiet)
+        out = build_or_explain(options, args.quiet)
         print(out)
         if args.check:
             from runtime.parity import run_parity

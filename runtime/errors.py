@@ -33,6 +33,12 @@ class BackendError(VtpruneError):
     exit_code = 1
 
 
+class ExportError(VtpruneError):
+    """Tracing or checking a graph failed for a reason the flags did not predict (the traceback goes to a log)."""
+
+    exit_code = 1
+
+
 class ParityError(VtpruneError):
     """Parity failed: a stage differs from the PyTorch reference beyond tolerance."""
 

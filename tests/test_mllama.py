@@ -354,3 +354,32 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformer
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_fp16_build_passes_parity(tiny_mllama, sample_files, tmp_path):
+    out = tmp_path / "fp16"
+    run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", "--precision", "fp16", "--out", str(out), "--quiet", check=True)
+    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+    result = run_cli("runtime/parity.py", "--engines", str(out), "--image", str(sample_files[1]), "--question", QUESTIONS[1])
+    assert result.returncode == 0, result.stderr
+
+
+def test_unexpected_export_failure_is_one_line_with_a_log(tiny_mllama, tmp_path, monkeypatch):
+    import export.build as build_cli
+    import export.builder
+    from runtime.errors import ExportError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected m1 and m2 to have the same dtype\nsecond line")
+
+    monkeypatch.setattr(export.builder, "build", broken)
+    from export.builder import BuildOptions
+
+    with pytest.raises(ExportError) as caught:
+        build_cli.build_or_explain(BuildOptions(model=tiny_mllama, out=tmp_path / "x"), quiet=True)
+    message = str(caught.value)
+    assert "(RuntimeError: expected m1 and m2 to have the same dtype);" in message and "\n" not in message
+    log = message.rsplit("full traceback in ", 1)[1]
+    assert "second line" in open(log).read()
+    assert caught.value.exit_code == 1 and not (tmp_path / "x").exists()

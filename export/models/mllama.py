@@ -131,7 +131,8 @@ def cross_attention_layer(layer, hidden, key, value, mask, row_mask):
     query = attn.q_norm(query)
     context, probs = attend(query, key, value, mask, attn.scaling)
     hidden = residual + layer.cross_attn_attn_gate.tanh() * attn.o_proj(context)
-    mlp = layer.mlp(rms_norm(layer.post_attention_layernorm, hidden)) * row_mask[:, 0]  # (B, S, D)
+    mlp = layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))  # (B, S, D)
+    mlp = mlp * row_mask[:, 0].to(mlp.dtype)
     return hidden + layer.cross_attn_mlp_gate.tanh() * mlp, probs
 
 
