@@ -64,7 +64,14 @@ class MllamaAdapter(ModelAdapter):
 
     @property
     def max_tiles(self) -> int:
-        return int(self.config.vision_config.max_num_tiles)
+        """Tiles per image: the vision model's ``max_num_tiles``, which the processor must produce (HF's vision
+        tower adds a per-tile embedding for exactly that many)."""
+        tiles = int(self.config.vision_config.max_num_tiles)
+        made = int(self.processor.image_processor.max_image_tiles)
+        if made != tiles:
+            raise CheckpointError(f"{self.path}: the processor makes {made} tiles per image but the vision model takes "
+                                  f"{tiles} (max_image_tiles vs max_num_tiles); HF cannot run this checkpoint either")
+        return tiles
 
     @property
     def num_visual_tokens(self) -> int:
