@@ -20,7 +20,7 @@ from PIL import Image
 from runtime.backends import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.pipeline import Answer, _Clock, greedy_decode, presents_as_past
+from runtime.pipeline import Answer, BatchedPipeline, _Clock, greedy_decode, presents_as_past
 from runtime.preprocess import preprocess
 from runtime.text import TextCodec, format_prompt
 
@@ -112,7 +112,7 @@ def cross_attention_mask(ids: list[list[int]], width: int, image_token_id: int, 
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-class MllamaPipeline:
+class MllamaPipeline(BatchedPipeline):
     """LLaMA-3.2-Vision with Trimmed-Llama cross-attention: graphs ``vision``, ``prefill``, ``decode``."""
 
     family = "mllama"
@@ -178,22 +178,8 @@ class MllamaPipeline:
         return {"full": int(full), "kept": int(kept), "kept_fraction": round(kept / full, 6) if full else 1.0}
 
     # ------------------------------------------------------------------ end to end
-    def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 10,
-               pixel_values: dict[str, np.ndarray] | None = None) -> list[Answer]:
-        """Answer (image, question) pairs. ``pixel_values``: preprocessed feeds (dict), skips preprocessing."""
-        if len(questions) == 0:
-            return []
-        if max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        max_batch = self.manifest.max_batch
-        if len(questions) > max_batch:
-            answers: list[Answer] = []
-            for start in range(0, len(questions), max_batch):
-                chunk = None if pixel_values is None else {k: v[start : start + max_batch] for k, v in pixel_values.items()}
-                answers += self.answer(images[start : start + max_batch] if images else [], questions[start : start + max_batch],
-                                       max_new_tokens, chunk)
-            return answers
-
+    def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
+                     pixel_values: dict[str, np.ndarray] | None) -> list[Answer]:
         clock = _Clock()
         pixels = pixel_values if pixel_values is not None else self.preprocess(images)
         ids = self.encode_questions(questions)

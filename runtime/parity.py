@@ -424,6 +424,8 @@ def _strip_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, margins_out):
     """Run the reference pipeline batch by batch, recording each row's top-2 logit margin at every greedy step."""
+    from runtime.pipeline import slice_pixels
+
     steps: list[np.ndarray] = []
     originals = {name: pipeline.runners[name] for name in ("prefill", "decode")}
 
@@ -444,9 +446,8 @@ def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, marg
         for start in range(0, len(questions), batch):
             steps.clear()
             chunk = questions[start : start + batch]
-            pixels = ({name: value[start : start + batch] for name, value in pixel_values.items()}
-                      if isinstance(pixel_values, dict) else pixel_values[start : start + batch])
-            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens, pixel_values=pixels)
+            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens,
+                                       pixel_values=slice_pixels(pixel_values, start, start + batch))
             margins_out += [[float(step[row]) for step in steps] for row in range(len(chunk))]
     finally:
         pipeline.runners.update(originals)

@@ -117,7 +117,41 @@ def greedy_decode(
     return generated
 
 
-class Blip2Pipeline:
+def slice_pixels(pixel_values, start: int, stop: int):
+    """Rows ``start:stop`` of preprocessed inputs: one array (BLIP-2) or a dict of arrays (Mllama)."""
+    if pixel_values is None:
+        return None
+    if isinstance(pixel_values, dict):
+        return {name: value[start:stop] for name, value in pixel_values.items()}
+    return pixel_values[start:stop]
+
+
+class BatchedPipeline:
+    """What every family's pipeline shares: ``answer()`` checks its arguments and splits the work into batches of
+    at most the manifest's ``max_batch``; the family implements ``answer_batch()``."""
+
+    manifest: Manifest
+
+    def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 10,
+               pixel_values=None) -> list[Answer]:
+        """Answer (image, question) pairs. ``pixel_values``: already preprocessed inputs (skips preprocessing)."""
+        if len(questions) == 0:
+            return []
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        max_batch = self.manifest.max_batch
+        answers: list[Answer] = []
+        for start in range(0, len(questions), max_batch):
+            stop = start + max_batch
+            answers += self.answer_batch(images[start:stop] if images else [], questions[start:stop], max_new_tokens,
+                                         slice_pixels(pixel_values, start, stop))
+        return answers
+
+    def answer_batch(self, images, questions, max_new_tokens, pixel_values) -> list[Answer]:
+        raise NotImplementedError
+
+
+class Blip2Pipeline(BatchedPipeline):
     """BLIP-2 (OPT) with a pruned Q-Former output: graphs ``visual``, ``embed``, ``prefill``, ``decode``."""
 
     family = "blip2-opt"
@@ -176,24 +210,8 @@ class Blip2Pipeline:
         )
 
     # ------------------------------------------------------------------ end to end
-    def answer(
-        self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 10, pixel_values: np.ndarray | None = None
-    ) -> list[Answer]:
-        """Answer a batch of (image, question) pairs. ``pixel_values`` skips preprocessing when given."""
-        if len(questions) == 0:
-            return []
-        if max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        max_batch = self.manifest.max_batch
-        if len(questions) > max_batch:
-            answers: list[Answer] = []
-            for start in range(0, len(questions), max_batch):
-                chunk_pixels = None if pixel_values is None else pixel_values[start : start + max_batch]
-                answers += self.answer(
-                    images[start : start + max_batch] if images else [], questions[start : start + max_batch], max_new_tokens, chunk_pixels
-                )
-            return answers
-
+    def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
+                     pixel_values: np.ndarray | None) -> list[Answer]:
         clock = _Clock()
         if pixel_values is None:
             pixel_values = self.preprocess(images)

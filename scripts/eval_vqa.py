@@ -188,7 +188,7 @@ class Pipelines:
 
     def __init__(self, args: argparse.Namespace, model: Path):
         from export import adapters
-        from export.adapters.blip2 import weights_sha256
+        from export.adapters.base import weights_sha256
 
         self.args, self.model = args, model
         self.adapter_cls = adapters.detect(model)  # architecture check before anything is built

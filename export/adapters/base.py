@@ -3,6 +3,8 @@ checkpoint, resolving a pruning request against it, and the torch modules that b
 as the PyTorch reference for parity)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,50 @@ class TorchRunner:
             name: (value.float() if value.is_floating_point() else value).numpy()
             for name, value in zip(self.output_names, outputs)
         }
+
+
+def config_sha256(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text())
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def weights_sha256(path: Path) -> dict[str, str]:
+    """sha256 of every weight file of the checkpoint (parity refuses a reference whose weights differ)."""
+    from runtime.manifest import sha256_file
+
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
+    return {p.name: sha256_file(p) for p in files}
+
+
+def pixel_settings(image_processor) -> dict[str, Any]:
+    """The HF image processor's colour conversion, resampling, rescaling and normalisation, for the manifest."""
+    return {
+        "resample": int(image_processor.resample),
+        "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
+        "do_rescale": bool(image_processor.do_rescale),
+        "rescale_factor": float(image_processor.rescale_factor),
+        "do_normalize": bool(image_processor.do_normalize),
+        "image_mean": [float(v) for v in image_processor.image_mean],
+        "image_std": [float(v) for v in image_processor.image_std],
+    }
+
+
+def token_settings(tokenizer, generation_config, text_config) -> dict[str, Any]:
+    """Special ids the runtime needs: what the tokenizer adds around a text, BOS, EOS (all of them), padding."""
+    from export.tokenizer_probe import special_ids_around_text
+
+    prefix_ids, suffix_ids = special_ids_around_text(tokenizer)
+    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else text_config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
+    return {
+        "tokenizer": "tokenizer.json",
+        "prefix_ids": prefix_ids,
+        "suffix_ids": suffix_ids,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad if pad is not None else eos_ids[0]),
+    }
 
 
 def quiet_transformers() -> None:

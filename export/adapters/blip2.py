@@ -9,8 +9,6 @@ Graphs:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +18,7 @@ from torch import nn
 
 from export import pruning
 from export.adapters import register
-from export.adapters.base import GraphExport, ModelAdapter
+from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
 from export.models import opt
 from export.pruning import PruningConfig, Signals
 from runtime.errors import CheckpointError, UsageError
@@ -97,19 +95,6 @@ class PrunedVisual(nn.Module):
     def score_bounds(self, pixel_values: torch.Tensor, tie_rtol: float):
         """(lower, upper) scores reachable under float-level differences (parity), or None for continuous methods."""
         return pruning.score_bounds(self.signals(pixel_values), self.layer_weights, self.config, tie_rtol)
-
-
-def config_sha256(path: Path) -> str:
-    config = json.loads((path / "config.json").read_text())
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def weights_sha256(path: Path) -> dict[str, str]:
-    """sha256 of every weight file of the checkpoint (parity refuses a reference whose weights differ)."""
-    from runtime.manifest import sha256_file
-
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
-    return {p.name: sha256_file(p) for p in files}
 
 
 @register
@@ -277,33 +262,14 @@ class Blip2OptAdapter(ModelAdapter):
         return {
             "kind": "blip",
             "size": [int(height), int(width)],
-            "resample": int(image_processor.resample),
-            "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
             "do_resize": bool(image_processor.do_resize),
-            "do_rescale": bool(image_processor.do_rescale),
-            "rescale_factor": float(image_processor.rescale_factor),
-            "do_normalize": bool(image_processor.do_normalize),
-            "image_mean": [float(v) for v in image_processor.image_mean],
-            "image_std": [float(v) for v in image_processor.image_std],
+            **pixel_settings(image_processor),
         }
 
     def text_settings(self, prompt_template: str | None) -> dict[str, Any]:
-        from export.tokenizer_probe import special_ids_around_text
-
-        tokenizer = self.processor.tokenizer
-        prefix_ids, suffix_ids = special_ids_around_text(tokenizer)
-        generation = self.model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.config.text_config.eos_token_id
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.text_config.pad_token_id
         return {
-            "tokenizer": "tokenizer.json",
+            **token_settings(self.processor.tokenizer, self.model.generation_config, self.config.text_config),
             "prompt_template": prompt_template or self.default_prompt_template,
-            "prefix_ids": prefix_ids,
-            "suffix_ids": suffix_ids,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_ids": eos_ids,
-            "pad_token_id": int(pad if pad is not None else eos_ids[0]),
             "image_token_id": int(self.config.image_token_id),
         }
 

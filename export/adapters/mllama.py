@@ -13,8 +13,6 @@ Graphs (static ``k``, dynamic batch; one image per prompt):
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,7 @@ import torch
 
 from export import pruning
 from export.adapters import register
-from export.adapters.base import GraphExport, ModelAdapter
-from export.adapters.blip2 import config_sha256, weights_sha256
+from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
 from export.models import mllama
 from export.pruning import PruningConfig
 from runtime.errors import CheckpointError, UsageError
@@ -202,38 +199,20 @@ class MllamaAdapter(ModelAdapter):
             "kind": "mllama",
             "tile_size": int(height),
             "max_image_tiles": int(image_processor.max_image_tiles),
-            "resample": int(image_processor.resample),
-            "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
-            "do_rescale": bool(image_processor.do_rescale),
-            "rescale_factor": float(image_processor.rescale_factor),
-            "do_normalize": bool(image_processor.do_normalize),
-            "image_mean": [float(v) for v in image_processor.image_mean],
-            "image_std": [float(v) for v in image_processor.image_std],
+            **pixel_settings(image_processor),
         }
 
     def text_settings(self, prompt_template: str | None) -> dict[str, Any]:
-        from export.tokenizer_probe import special_ids_around_text
-
         tokenizer = self.processor.tokenizer
-        prefix_ids, suffix_ids = special_ids_around_text(tokenizer)
-        generation = self.model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.config.text_config.eos_token_id
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         chat_template = getattr(self.processor, "chat_template", None)
         return {
-            "tokenizer": "tokenizer.json",
+            **token_settings(tokenizer, self.model.generation_config, self.config.text_config),
             "prompt_template": prompt_template,  # None: the chat template when there is one, else the default
             "default_prompt_template": DEFAULT_PROMPT,
             "chat_template": chat_template if isinstance(chat_template, str) else None,
-            "prefix_ids": prefix_ids,
-            "suffix_ids": suffix_ids,
             "bos_token": tokenizer.bos_token,
-            "bos_token_id": tokenizer.bos_token_id,
             "image_token": "<|image|>",
             "image_token_id": int(self.config.image_token_id),
-            "eos_token_ids": eos_ids,
-            "pad_token_id": int(pad),
         }
 
     def language_model_settings(self) -> dict[str, Any]:
