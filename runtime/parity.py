@@ -290,6 +290,16 @@ class ParityContext:
         onnx = make_pipeline(self.manifest, onnx_runners)
         return reference, reference_runners, onnx, onnx_runners
 
+    def generate(self, reference, onnx, pixel_values):
+        """Both pipelines end to end on the same preprocessed inputs: (reference answers, ONNX answers, the
+        reference's top-2 logit margin per row and step)."""
+        self.say("generation: PyTorch reference")
+        margins: list[list[float]] = []
+        ref_answers = _answer_with_margins(reference, pixel_values, self.questions, self.max_new_tokens, margins)
+        self.say(f"generation: ONNX ({self.backend})")
+        onnx_answers = onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values)
+        return ref_answers, onnx_answers, margins
+
 
 # family name → module that defines ``stages(context) -> dict``: one per model family, imported when needed
 FAMILY_PARITY = {"blip2-opt": "runtime.parity:blip2_stages", "mllama": "runtime.parity_mllama:stages"}
@@ -307,7 +317,7 @@ def family_parity(family: str) -> Callable[[ParityContext], dict[str, Any]]:
 def blip2_stages(context: ParityContext) -> dict[str, Any]:
     """BLIP-2: preprocess, tokenize, visual, embed, prefill, decode, generation, hf_anchor."""
     manifest, adapter, tol, say = context.manifest, context.adapter, context.tol, context.say
-    images, questions, max_new_tokens, backend = context.images, context.questions, context.max_new_tokens, context.backend
+    images, questions, max_new_tokens = context.images, context.questions, context.max_new_tokens
     reference, reference_runners, onnx, onnx_runners = context.pipelines()
     stages: dict[str, Any] = {}
     # -- preprocess and tokenize: runtime vs HF ------------------------------------------------------------
@@ -322,11 +332,7 @@ def blip2_stages(context: ParityContext) -> dict[str, Any]:
     stages["tokenize"] = {"passed": hf_ids == ids, "prompts": prompts, "hf_ids": hf_ids, "runtime_ids": ids}
 
     # -- end to end, both pipelines on HF's pixel values -----------------------------------------------------
-    say("generation: PyTorch reference")
-    margins: list[list[float]] = []
-    ref_answers = _answer_with_margins(reference, hf_pixels, questions, max_new_tokens, margins)
-    say(f"generation: ONNX ({backend})")
-    onnx_answers = onnx.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=hf_pixels)
+    ref_answers, onnx_answers, margins = context.generate(reference, onnx, hf_pixels)
 
     # -- per graph, each fed the reference's inputs ------------------------------------------------------
     say("visual / embed / prefill / decode graphs")

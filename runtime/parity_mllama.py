@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from runtime.mllama import cross_attention_mask
-from runtime.parity import (ParityContext, _answer_with_margins, _cast_feeds, _concat_calls, _strip_after_eos,
+from runtime.text import format_prompt
+from runtime.parity import (ParityContext, _cast_feeds, _concat_calls, _strip_after_eos,
                             compare_kept_sets, compare_kept_sets_with_bounds, compare_scores_to_bounds, compare_tensors,
                             compare_tokens, tensor_stats)
 
@@ -53,7 +54,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
         messages = lambda q: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
         hf_texts = [adapter.processor.apply_chat_template(messages(q), add_generation_prompt=True) for q in questions]
     else:
-        hf_texts = [format_template(onnx.prompt.template, q) for q in questions]
+        hf_texts = [format_prompt(onnx.prompt.template, q) for q in questions]
     encoded = hf_inputs(adapter, images, hf_texts, chat)
     runtime_ids = onnx.encode_questions(questions)
     rows = []
@@ -67,11 +68,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
                           "prompts": texts, "hf_prompts": hf_texts, "rows": rows}
 
     # -- end to end on HF's pixel values --------------------------------------------------------------------
-    say("generation: PyTorch reference")
-    margins: list[list[float]] = []
-    ref_answers = _answer_with_margins(reference, hf_pixels, questions, max_new_tokens, margins)
-    say(f"generation: ONNX ({context.backend})")
-    onnx_answers = onnx.answer([], questions, max_new_tokens=max_new_tokens, pixel_values=hf_pixels)
+    ref_answers, onnx_answers, margins = context.generate(reference, onnx, hf_pixels)
 
     # -- per graph, each fed the reference's inputs ------------------------------------------------------
     say("vision / prefill / decode graphs")
@@ -133,10 +130,6 @@ def stages(context: ParityContext) -> dict[str, Any]:
     say("anchor: HF generate")
     result["hf_anchor"] = hf_anchor(adapter, manifest, encoded, ref_tokens, max_new_tokens)
     return result
-
-
-def format_template(template: str, question: str) -> str:
-    return template.replace("{}", question, 1)
 
 
 def hf_anchor(adapter, manifest, encoded: list[dict], ref_tokens: list[list[int]], max_new_tokens: int) -> dict[str, Any]:

@@ -20,22 +20,12 @@ import torch
 from torch import nn
 
 from export import pruning
+from export.models.masks import additive_mask
 
 MASK_MIN = torch.finfo(torch.float32).min
 
 
 # ------------------------------------------------------------------------------------------------ masks
-
-
-def causal_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Causal + padding additive mask. attention_mask (B, P+S) → (B, 1, S, P+S) float32."""
-    total = attention_mask.shape[1]
-    key_index = torch.arange(total, device=attention_mask.device)  # (P+S,)
-    query_index = key_index[total - num_new :]  # (S,)
-    causal = key_index.view(1, -1) <= query_index.view(-1, 1)  # (S, P+S)
-    allowed = causal.unsqueeze(0) & (attention_mask.unsqueeze(1) > 0)  # (B, S, P+S)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=attention_mask.device)
-    return bias.masked_fill(~allowed, MASK_MIN).unsqueeze(1)  # (B, 1, S, P+S)
 
 
 def cross_mask(cross_attention_mask: torch.Tensor, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +43,6 @@ def cross_mask(cross_attention_mask: torch.Tensor, tokens_per_tile: int) -> tupl
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-
-
-def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return norm(hidden)  # HF's MllamaTextRMSNorm: float32 inside, weight × normalised
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +76,7 @@ def self_attention_layer(layer, hidden, rope, mask, past_key, past_value):
     batch, new, _ = hidden.shape
     heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     residual = hidden
-    hidden = rms_norm(layer.input_layernorm, hidden)
+    hidden = layer.input_layernorm(hidden)
     query = attn.q_proj(hidden).view(batch, new, heads, head_dim).transpose(1, 2)  # (B, H, S, Dh)
     key = attn.k_proj(hidden).view(batch, new, kv_heads, head_dim).transpose(1, 2)  # (B, KV, S, Dh)
     value = attn.v_proj(hidden).view(batch, new, kv_heads, head_dim).transpose(1, 2)  # (B, KV, S, Dh)
@@ -103,7 +89,7 @@ def self_attention_layer(layer, hidden, rope, mask, past_key, past_value):
         value = torch.cat([past_value, value], dim=2)
     context, _ = attend(query, key, value, mask, attn.scaling)
     hidden = residual + attn.o_proj(context)
-    hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, key, value
 
 
@@ -126,12 +112,12 @@ def cross_attention_layer(layer, hidden, key, value, mask, row_mask):
     attn = layer.cross_attn
     batch, new, _ = hidden.shape
     residual = hidden
-    normed = rms_norm(layer.input_layernorm, hidden)
+    normed = layer.input_layernorm(hidden)
     query = attn.q_proj(normed).view(batch, new, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, S, Dh)
     query = attn.q_norm(query)
     context, probs = attend(query, key, value, mask, attn.scaling)
     hidden = residual + layer.cross_attn_attn_gate.tanh() * attn.o_proj(context)
-    mlp = layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))  # (B, S, D)
+    mlp = layer.mlp(layer.post_attention_layernorm(hidden))  # (B, S, D)
     mlp = mlp * row_mask[:, 0].to(mlp.dtype)
     return hidden + layer.cross_attn_mlp_gate.tanh() * mlp, probs
 
@@ -174,7 +160,7 @@ class _Text(nn.Module):
         return self.text.rotary_emb(hidden, position_ids)  # cos, sin (B, S, Dh)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = rms_norm(self.text.norm, hidden[:, -1:])  # (B, 1, D): only the last position is needed
+        hidden = self.text.norm(hidden[:, -1:])  # (B, 1, D): only the last position is needed
         return self.lm_head(hidden)[:, 0].float()  # (B, V)
 
 
@@ -217,7 +203,7 @@ class TrimmedPrefill(_Text):
         text = self.text
         hidden = text.embed_tokens(input_ids)  # (B, T, D)
         rope = self.rope(hidden, position_ids)
-        self_mask = causal_mask(attention_mask, input_ids.shape[1])  # (B, 1, T, T)
+        self_mask = additive_mask(attention_mask, input_ids.shape[1])  # (B, 1, T, T)
         full_mask, row_mask = cross_mask(cross_attention_mask, self.tokens_per_tile)  # (B, 1, T, N), (B, 1, T, 1)
         states = cross_attention_states.to(hidden.dtype)  # (B, N, D)
         outputs: dict[str, torch.Tensor] = {}
@@ -282,7 +268,7 @@ class DecodeStep(_Text):
         text = self.text
         hidden = text.embed_tokens(input_ids)  # (B, 1, D)
         rope = self.rope(hidden, position_ids)
-        self_mask = causal_mask(attention_mask, 1)  # (B, 1, 1, P+1)
+        self_mask = additive_mask(attention_mask, 1)  # (B, 1, 1, P+1)
         row_mask = text_row_mask[:, None, :, None]  # (B, 1, 1, 1)
         outputs = {}
         for index, layer in enumerate(text.layers):

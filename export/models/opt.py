@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.models.masks import additive_mask
+
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding shifts every position id by 2
 
 
@@ -22,22 +24,6 @@ def _layer_norm(hidden: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     weight = norm.weight.float() if norm.weight is not None else None
     bias = norm.bias.float() if norm.bias is not None else None
     return F.layer_norm(hidden.float(), norm.normalized_shape, weight, bias, norm.eps).to(hidden.dtype)
-
-
-def additive_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Causal + padding mask as an additive float32 bias.
-
-    attention_mask: (B, P + S) 1 for real tokens, 0 for padding → (B, 1, S, P + S): 0 where query ``i`` (at
-    absolute index P + i) may attend key ``j`` (j ≤ P + i and key j is not padding), a large negative elsewhere.
-    """
-    total = attention_mask.shape[1]
-    key_index = torch.arange(total, device=attention_mask.device)  # (P+S,)
-    query_index = key_index[total - num_new :]  # (S,) absolute index of the new tokens
-    causal = key_index.view(1, -1) <= query_index.view(-1, 1)  # (S, P+S)
-    allowed = causal.unsqueeze(0) & (attention_mask.unsqueeze(1) > 0)  # (B, S, P+S)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=attention_mask.device)
-    bias = bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return bias.unsqueeze(1)  # (B, 1, S, P+S)
 
 
 def attention(
