@@ -32,6 +32,7 @@ class TinyBlip2Spec:
     lm_layers: int = 2
     lm_heads: int = 4
     lm_hidden: int = 32
+    weight_scale: float = 1.0  # every Linear weight multiplied by this: larger activations (parity calibration tests)
     seed: int = 0
 
 
@@ -107,6 +108,8 @@ def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), t
             if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.0, 0.1)
+            if isinstance(module, torch.nn.Linear) and spec.weight_scale != 1.0:
+                module.weight.mul_(spec.weight_scale)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

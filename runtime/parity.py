@@ -10,7 +10,10 @@ whole ONNX pipeline's greedy tokens vs the reference pipeline's) and ``hf_anchor
 HF ``generate`` where HF can express the configuration: ratio 0, or compact positions).
 
 The reference is the HF model with the same pruning module (``export/``), imported lazily here: the runtime
-itself never imports torch. Float tensors are compared with Polygraphy's ``SimpleCompareFunc``.
+itself never imports torch. Float tensors are judged against the reference's own rounding noise: the reference runs
+each graph a second time in float64 on the same inputs, and a tensor passes when its error against float64 is within
+a few times what fp32 PyTorch itself makes (``runtime/tolerance.py``; a tensor-scale-relative fallback where a
+float64 copy of the model does not fit in memory).
 """
 from __future__ import annotations
 
@@ -30,14 +33,18 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, and 
 import numpy as np  # noqa: E402
 
 from runtime.errors import ManifestError, UsageError, cli_errors  # noqa: E402
+from runtime.tolerance import Calibration, judge_tensors  # noqa: E402
 
-# Tolerances per precision of the exported graphs (the reference always runs fp32).
+# What is not a float tensor's elementwise value (those are judged by ``runtime.tolerance``), per precision of the
+# exported graphs (the reference always runs fp32): ``logit_margin`` — a greedy token may differ where the
+# reference's top-2 logits are closer than this; ``score_rtol`` — continuous scores within this (relative to the
+# largest) of the selection boundary are near-ties; ``attention_rtol`` — attention probabilities within this rank
+# either way (CATP/trim-union rank bounds); ``pixel_atol`` — preprocessing vs HF's image processor.
 TOLERANCES = {
-    "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999, "score_rtol": 1e-5, "pixel_atol": 1e-5,
-             "attention_rtol": 1e-5},
-    "fp16": {"atol": 5e-2, "rtol": 5e-2, "min_cosine": 0.999, "score_rtol": 5e-3, "pixel_atol": 1e-5,
-             "attention_rtol": 1e-2},
+    "fp32": {"logit_margin": 1e-4, "score_rtol": 1e-5, "pixel_atol": 1e-5, "attention_rtol": 1e-5},
+    "fp16": {"logit_margin": 5e-2, "score_rtol": 5e-3, "pixel_atol": 1e-5, "attention_rtol": 1e-2},
 }
+CALIBRATIONS = ("auto", "float64", "relative")
 DEFAULT_QUESTIONS = ("what color is the shape?", "how many shapes are there?", "is there a circle in the image?")
 
 
@@ -71,36 +78,6 @@ def tensor_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
         "mean_abs": float(diff.mean()) if diff.size else 0.0,
         "cosine": float(ref @ act / denom) if denom > 0 else float(np.array_equal(ref, act)),
     }
-
-
-def compare_tensors(
-    reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], names: list[str], tol: dict[str, float]
-) -> dict[str, Any]:
-    """Polygraphy's SimpleCompareFunc (elementwise atol/rtol) + max abs, max rel and cosine per tensor."""
-    with contextlib.redirect_stdout(io.StringIO()):  # polygraphy prints a notice about colours on import
-        from polygraphy.comparator.compare import SimpleCompareFunc
-        from polygraphy.comparator.struct import IterationResult
-        from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL
-    tensors = {}
-    same_shape = [n for n in names if reference[n].shape == actual[n].shape and reference[n].size > 0]
-    compare = SimpleCompareFunc(check_shapes=True, atol=tol["atol"], rtol=tol["rtol"])
-    verdicts = compare(
-        IterationResult({n: np.ascontiguousarray(reference[n], dtype=np.float32) for n in same_shape}, runner_name="pytorch"),
-        IterationResult({n: np.ascontiguousarray(actual[n], dtype=np.float32) for n in same_shape}, runner_name="onnx"),
-    )
-    for name in names:
-        if reference[name].size == 0 and reference[name].shape == actual[name].shape:
-            tensors[name] = {**tensor_stats(reference[name], actual[name]), "passed": True}
-            continue
-        if name not in same_shape:
-            tensors[name] = {"passed": False, "shape_reference": list(reference[name].shape), "shape_onnx": list(actual[name].shape)}
-            continue
-        stats = tensor_stats(reference[name], actual[name])
-        stats["passed"] = bool(verdicts[name]) and stats["cosine"] >= tol["min_cosine"]
-        tensors[name] = stats
-    return {"passed": all(t["passed"] for t in tensors.values()), "tensors": tensors}
 
 
 def compare_kept_sets(ref_scores: np.ndarray, ref_kept: np.ndarray, kept: np.ndarray, tol: float) -> dict[str, Any]:
@@ -220,11 +197,18 @@ def run_parity(
     model: str | Path | None = None,
     out_json: str | Path | None = None,
     quiet: bool = False,
+    calibration: str = "auto",
 ) -> dict[str, Any]:
-    """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report."""
+    """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report.
+
+    ``calibration``: ``float64`` (judge float tensors against a float64 run of the reference, calibrated on the fp32
+    reference's own noise), ``relative`` (a tensor-scale-relative tolerance), ``auto`` (float64 where a float64
+    copy of the model fits in memory)."""
     from runtime.manifest import Manifest
 
     say = (lambda *_: None) if quiet else (lambda msg: print(f"parity: {msg}", file=sys.stderr, flush=True))
+    if calibration not in CALIBRATIONS:
+        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     manifest = Manifest.load(engines, verify=False)
     integrity = _integrity(manifest)
     tol = TOLERANCES[manifest.precision]
@@ -233,36 +217,85 @@ def run_parity(
     if len(images) != len(questions):
         raise UsageError(f"{len(images)} image(s) for {len(questions)} question(s)")
     family_stages = family_parity(manifest.family)
+    out_path = Path(out_json) if out_json else Path(engines) / "parity.json"
+    if out_path.is_dir():
+        raise UsageError(f"--out {out_path} is a folder; give the report's file name")
 
     say("loading the PyTorch reference")
-    from export import adapters  # lazy: torch lives in export/
+    adapter = load_reference(manifest, model)
+    chosen = choose_calibration(adapter, manifest.precision, calibration)
+    if chosen.mode != "float64":
+        say(f"float tensors judged with a relative tolerance: {chosen.why}")
 
-    source = Path(model or manifest.model["source"])
-    adapter = adapters.get(manifest.family)(source, precision="fp32")
-    info = adapter.model_info()
-    for key in ("config_sha256", "weights_sha256"):
-        if info[key] != manifest.model.get(key):
-            raise ManifestError(f"{source}: not the checkpoint the engines were built from ({key} differs); pass --model")
-
-    context = ParityContext(manifest, adapter, backend, tol, images, questions, max_new_tokens, say)
+    context = ParityContext(manifest, adapter, backend, tol, chosen, images, questions, max_new_tokens, say)
     stages: dict[str, Any] = {"integrity": integrity, **family_stages(context)}
     report = {
         "engines": str(Path(engines)),
         "backend": backend,
         "precision": manifest.precision,
         "tolerances": tol,
+        "calibration": chosen.describe(),
         "samples": len(questions),
         "pruning": manifest.pruning,
         "stages": stages,
         "passed": all(stage["passed"] for stage in stages.values()),
     }
-    out_path = Path(out_json) if out_json else Path(engines) / "parity.json"
-    out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    try:
+        out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    except OSError as err:
+        raise UsageError(f"cannot write the parity report {out_path}: {err.strerror or err}") from None
     if not quiet:
         for name, stage in stages.items():
             print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
         print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
     return report
+
+
+def load_reference(manifest, model: str | Path | None):
+    """The fp32 PyTorch reference for ``manifest``'s checkpoint (``model`` overrides the recorded source); a moved,
+    incomplete or different checkpoint is one line naming ``--model``."""
+    from export import adapters  # lazy: torch lives in export/
+    from runtime.errors import CheckpointError
+
+    source = Path(model or manifest.model["source"])
+    flag = "--model" if model else f"the checkpoint recorded in the manifest ({source})"
+    hint = "" if model else "; pass --model with the checkpoint the engines were built from"
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"{flag}: no checkpoint there (moved or deleted?){hint}")
+    recorded = manifest.model.get("weights_sha256") or {}
+    missing = sorted(name for name in recorded if not (source / name).is_file())
+    if missing:
+        raise CheckpointError(f"{flag}: weight file(s) {', '.join(missing)} missing{hint}")
+    adapters.detect(source)  # a checkpoint of the family at all
+    adapter = adapters.load(adapters.get(manifest.family), source, "fp32")
+    info = adapter.model_info()
+    for key in ("config_sha256", "weights_sha256"):
+        if info[key] != manifest.model.get(key):
+            raise ManifestError(f"{source}: not the checkpoint the engines were built from ({key} differs); pass --model")
+    return adapter
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose_calibration(adapter, precision: str, requested: str) -> Calibration:
+    """float64 where asked for, or (``auto``) where a float64 copy of the model fits in available memory."""
+    if requested == "relative":
+        return Calibration("relative", precision, why="--calibration relative")
+    need = 2 * adapter.parameter_bytes()  # the float64 model, converted in place from fp32
+    available = available_memory()
+    if requested == "float64" or available is None or need * 5 // 4 + (512 << 20) <= available:
+        return Calibration("float64", precision)
+    return Calibration("relative", precision, why=f"a float64 copy of the model needs about {need / 2**30:.1f} GiB "
+                                                 f"and {available / 2**30:.1f} GiB is available")
 
 
 @dataclass
@@ -273,6 +306,7 @@ class ParityContext:
     adapter: Any
     backend: str
     tol: dict[str, float]
+    calibration: Calibration
     images: list
     questions: list[str]
     max_new_tokens: int
@@ -299,6 +333,42 @@ class ParityContext:
         self.say(f"generation: ONNX ({self.backend})")
         onnx_answers = onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values)
         return ref_answers, onnx_answers, margins
+
+    def float64_outputs(self, requests: dict[str, tuple[str, dict[str, np.ndarray]]]) -> dict[str, dict | None]:
+        """The float64 reference's outputs for each ``key: (graph, fp32 reference feeds)`` — the model converted to
+        float64 once for all of them, then back; every value None without a float64 calibration."""
+        if self.calibration.mode != "float64" or not requests:
+            return {key: None for key in requests}
+        import torch
+
+        self.say("float64 reference (rounding-noise calibration)")
+        with self.adapter.in_float64():
+            runners = self.adapter.torch_runners(self.manifest.pruning, dtype=torch.float64)
+            return {key: runners[graph].run(feeds) for key, (graph, feeds) in requests.items()}
+
+    def judge(self, ref32, ref64, actual, names, rows=None) -> dict[str, Any]:
+        """Float tensors against the calibrated bound (``runtime.tolerance``), optionally on ``rows`` only."""
+        if rows is not None:
+            ref32, actual = _take_rows(ref32, names, rows), _take_rows(actual, names, rows)
+            ref64 = None if ref64 is None else _take_rows(ref64, names, rows)
+        verdict = judge_tensors(ref32, ref64, actual, names, self.calibration)
+        if rows is not None:
+            verdict["rows_compared"] = len(rows)
+        return verdict
+
+
+def same_kept_rows(ref_kept: np.ndarray, onnx_kept: np.ndarray, ref64_outputs: dict | None) -> list[int]:
+    """Rows whose kept set is the same in the fp32 reference, the ONNX graph and (when present) the float64
+    reference: only there are tensors after the selection comparable elementwise (other rows are near-ties, judged
+    by the kept-set logic)."""
+    rows = [row for row in range(ref_kept.shape[0]) if np.array_equal(ref_kept[row], onnx_kept[row])]
+    if ref64_outputs is not None:
+        rows = [row for row in rows if np.array_equal(ref_kept[row], ref64_outputs["kept_indices"][row])]
+    return rows
+
+
+def _take_rows(tensors: dict[str, np.ndarray], names: list[str], rows: list[int]) -> dict[str, np.ndarray]:
+    return {name: tensors[name][rows] for name in names}
 
 
 # family name → module that defines ``stages(context) -> dict``: one per model family, imported when needed
@@ -341,9 +411,13 @@ def blip2_stages(context: ParityContext) -> dict[str, Any]:
     # rank-count scores (CATP) jump by whole ranks where attention probabilities nearly tie: the reference gives
     # the range each score can take under the tolerance, and the ONNX scores must lie inside it
     bounds = adapter.score_bounds(manifest.pruning, ref_visual_feeds, tie_rtol=2 * tol["attention_rtol"])
+    graph_calls = {graph: reference_runners[graph].calls[0] for graph in ("embed", "prefill", "decode")
+                   if reference_runners[graph].calls}
+    ref64 = context.float64_outputs({"visual": ("visual", ref_visual_feeds),
+                                     **{graph: (graph, feeds) for graph, (feeds, _) in graph_calls.items()}})
     if bounds is None:
         visual = {
-            "scores": compare_tensors(ref_visual, onnx_visual, ["scores"], {**tol, "rtol": tol["score_rtol"]}),
+            "scores": context.judge(ref_visual, ref64["visual"], onnx_visual, ["scores"]),
             "kept_indices": compare_kept_sets(ref_visual["scores"], ref_visual["kept_indices"], onnx_visual["kept_indices"], tol["score_rtol"]),
         }
     else:
@@ -355,26 +429,21 @@ def blip2_stages(context: ParityContext) -> dict[str, Any]:
         visual["scores"]["reference"] = tensor_stats(ref_visual["scores"], onnx_visual["scores"])
         visual["scores"]["reference_within_bounds"] = bool(
             np.all((ref_visual["scores"] >= lower - 1e-3) & (ref_visual["scores"] <= upper + 1e-3)))
-    same_rows = [r["row"] for r in visual["kept_indices"]["rows"] if r["equal"]]
-    visual["query_embeds"] = compare_tensors(
-        {"query_embeds": ref_visual["query_embeds"][same_rows]}, {"query_embeds": onnx_visual["query_embeds"][same_rows]},
-        ["query_embeds"], tol,
-    )
-    visual["query_embeds"]["rows_compared"] = len(same_rows)
+    same_rows = same_kept_rows(ref_visual["kept_indices"], onnx_visual["kept_indices"], ref64["visual"])
+    visual["query_embeds"] = context.judge(ref_visual, ref64["visual"], onnx_visual, ["query_embeds"], rows=same_rows)
     visual["passed"] = all(v["passed"] for v in visual.values())
     stages["visual"] = visual
     for graph in ("embed", "prefill", "decode"):
-        calls = reference_runners[graph].calls
-        if not calls:
+        if graph not in graph_calls:
             stages[graph] = {"passed": True, "skipped": "the reference never ran this graph (EOS at once)"}
             continue
-        feeds, ref_out = calls[0]
+        feeds, ref_out = graph_calls[graph]
         onnx_out = onnx_runners[graph].runner.run(_cast_feeds(feeds, manifest.graphs[graph]))
-        stages[graph] = compare_tensors(ref_out, onnx_out, list(ref_out), tol)
+        stages[graph] = context.judge(ref_out, ref64[graph], onnx_out, list(ref_out))
 
     ref_tokens = [a.token_ids for a in ref_answers]
     tied_rows = {r["row"] for r in visual["kept_indices"]["rows"] if not r["equal"] and r["near_tie"]}
-    stages["generation"] = compare_tokens(ref_tokens, [a.token_ids for a in onnx_answers], margins, tol["atol"], tied_rows)
+    stages["generation"] = compare_tokens(ref_tokens, [a.token_ids for a in onnx_answers], margins, tol["logit_margin"], tied_rows)
     stages["generation"]["answers"] = [
         {"question": q, "reference": r.answer, "onnx": o.answer} for q, r, o in zip(questions, ref_answers, onnx_answers)
     ]
@@ -494,12 +563,25 @@ def _stage_note(stage: dict) -> str:
     for key in ("near_ties", "mismatches"):
         if stage.get(key):
             notes.append(f"{key}={stage[key]}")
-    if "tensors" in stage:
-        worst = max(stage["tensors"].values(), key=lambda t: t.get("max_abs", float("inf")))
-        notes.append(f"max_abs={worst.get('max_abs', float('inf')):.2e}")
+    worst = worst_exceedance(stage)
+    if worst is not None:
+        notes.append(f"error/bound={worst:.3g}")
     if stage.get("applicable") is False:
         notes.append("n/a")
     return f"  ({', '.join(notes)})" if notes else ""
+
+
+def worst_exceedance(stage: Any) -> float | None:
+    """The largest ``error / bound`` of any float tensor judged in ``stage`` (nested results included); None when
+    the stage judged no float tensor. Below 1 passes; a failure's value says how far above the noise it is."""
+    found = []
+    if isinstance(stage, dict):
+        if "worst_exceedance" in stage and "tensors" in stage:
+            found.append(stage["worst_exceedance"])
+        found += [w for value in stage.values() if (w := worst_exceedance(value)) is not None]
+    elif isinstance(stage, list):
+        found += [w for value in stage if (w := worst_exceedance(value)) is not None]
+    return max(found) if found else None
 
 
 def _json_default(value):
@@ -521,6 +603,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", default="ort-cpu")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="report path (default ENGINES/parity.json)")
+    parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
+                        help="float tensors: float64 = against a float64 run of the reference, bounded by the fp32 "
+                             "reference's own rounding noise; relative = a tensor-scale-relative tolerance; auto "
+                             "(default) = float64 where a float64 copy of the model fits in memory")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -534,7 +620,7 @@ def main(argv=None) -> int:
             raise UsageError("give one --question per --image")
         images = [load_image(p) for p in args.image] or None
         report = run_parity(args.engines, images, args.question or None, args.backend, args.max_new_tokens,
-                            args.model, args.out, args.quiet)
+                            args.model, args.out, args.quiet, args.calibration)
         return 0 if report["passed"] else 1
 
 

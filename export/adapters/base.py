@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +32,8 @@ class GraphExport:
 class TorchRunner:
     """The PyTorch twin of ``runtime.backends.Runner``: numpy feeds in, numpy outputs out, same names.
 
-    Feeds are cast to the module's floating dtype (an fp32 reference can check an fp16 graph)."""
+    Feeds are cast to the module's floating dtype (an fp32 reference can check an fp16 graph); half-precision
+    outputs come back as float32, float64 outputs (the float64 reference of parity) stay float64."""
 
     def __init__(self, graph: GraphExport, float_dtype: torch.dtype = torch.float32):
         self.module = graph.module
@@ -50,7 +52,7 @@ class TorchRunner:
         outputs = self.module(*args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         return {
-            name: (value.float() if value.is_floating_point() else value).numpy()
+            name: (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
             for name, value in zip(self.output_names, outputs)
         }
 
@@ -165,6 +167,23 @@ class ModelAdapter(ABC):
             return None if bounds is None else tuple(b.detach().cpu().numpy() for b in bounds)
         return None
 
-    def torch_runners(self, pruning: dict[str, Any]) -> dict[str, TorchRunner]:
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+    def torch_runners(self, pruning: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, TorchRunner]:
+        dtype = dtype or (torch.float16 if self.precision == "fp16" else torch.float32)
         return {graph.name: TorchRunner(graph, dtype) for graph in self.graphs(pruning)}
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers as loaded."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
+    @contextmanager
+    def in_float64(self):
+        """The model converted to float64 in place for the duration (parity's float64 reference), then back to
+        float32 — an exact round trip, so the fp32 reference is unchanged afterwards. fp32 adapters only."""
+        if self.precision != "fp32":
+            raise ValueError("the float64 reference is made from an fp32 model")
+        self.model.double()
+        try:
+            yield
+        finally:
+            self.model.float()

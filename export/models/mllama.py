@@ -21,6 +21,7 @@ from torch import nn
 
 from export import pruning
 from export.models.masks import additive_mask
+from export.models.precision import wide_dtype, widen
 
 MASK_MIN = torch.finfo(torch.float32).min
 
@@ -64,7 +65,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, L, Dh)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling + mask  # (B, H, S, L)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, S, L)
+    probs = torch.softmax(scores, dim=-1, dtype=wide_dtype(scores))  # (B, H, S, L)
     context = torch.matmul(probs.to(value.dtype), value)  # (B, H, S, Dh)
     batch, heads, new, head_dim = context.shape
     return context.transpose(1, 2).reshape(batch, new, heads * head_dim), probs
@@ -161,7 +162,7 @@ class _Text(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.text.norm(hidden[:, -1:])  # (B, 1, D): only the last position is needed
-        return self.lm_head(hidden)[:, 0].float()  # (B, V)
+        return widen(self.lm_head(hidden)[:, 0])  # (B, V)
 
 
 class TrimmedPrefill(_Text):

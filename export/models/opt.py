@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.models.masks import additive_mask
+from export.models.precision import widen
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding shifts every position id by 2
 
 
 def _layer_norm(hidden: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm computed in float32 whatever the model's dtype (a no-op cast in an fp32 model)."""
-    weight = norm.weight.float() if norm.weight is not None else None
-    bias = norm.bias.float() if norm.bias is not None else None
-    return F.layer_norm(hidden.float(), norm.normalized_shape, weight, bias, norm.eps).to(hidden.dtype)
+    """LayerNorm computed in float32 whatever the model's dtype (a no-op cast in an fp32 model; float64 stays)."""
+    weight = widen(norm.weight) if norm.weight is not None else None
+    bias = widen(norm.bias) if norm.bias is not None else None
+    return F.layer_norm(widen(hidden), norm.normalized_shape, weight, bias, norm.eps).to(hidden.dtype)
 
 
 def attention(
@@ -43,7 +44,7 @@ def attention(
     if past_key is not None:
         key = torch.cat([past_key, key], dim=2)  # (B, H, P+S, Dh)
         value = torch.cat([past_value, value], dim=2)
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() + mask  # (B, H, S, P+S) float32
+    scores = widen(torch.matmul(query, key.transpose(-1, -2))) + mask  # (B, H, S, P+S) float32
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     context = torch.matmul(probs, value)  # (B, H, S, Dh)
     context = context.transpose(1, 2).reshape(batch, new, heads * head_dim)  # (B, S, D)
@@ -109,7 +110,7 @@ def forward(
         last = _layer_norm(last, decoder.final_layer_norm)
     if decoder.project_out is not None:
         last = decoder.project_out(last)
-    logits = lm.lm_head(last)[:, 0, :].float()  # (B, V)
+    logits = widen(lm.lm_head(last)[:, 0, :])  # (B, V)
     return logits, present
 
 
