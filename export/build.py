@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime sends at once (default 8)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default engines/<model>-<method>-r<ratio>/)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even when it is not an engines folder written by vtprune (its contents are deleted)")
     parser.add_argument("--check", action="store_true", help="run the parity check against PyTorch right after the export")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--external-data-threshold", type=int, default=None, help=argparse.SUPPRESS)
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             opset=args.opset,
             external_data_threshold=args.external_data_threshold if args.external_data_threshold is not None else TWO_GB,
+            force=args.force,
         )
         validate(options)  # bad flags fail before anything is loaded or written
         if options.model is None:

@@ -1,22 +1,22 @@
 """Build an engines folder: load the checkpoint through its adapter, trace every graph, write the manifest.
 
-The folder is assembled in a hidden sibling and renamed into place only when complete, so a failure never
-leaves a half-written ``--out``.
+The folder is assembled in a hidden sibling and published atomically only when complete (``export/outdir.py``), so
+a failure — or a kill at any instant — never leaves a half-written ``--out``, and a folder this project did not
+write is never replaced without ``--force``.
 """
 from __future__ import annotations
 
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
-from export import adapters, pruning
+from export import adapters, outdir, pruning
 from export.pruning import PruningConfig
-from export.tracing import DEFAULT_OPSET, EXPORTER, TWO_GB, export_graph
+from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
 from runtime.errors import UnsupportedError, UsageError
 from runtime.manifest import MANIFEST_NAME, Manifest
 from runtime.pipeline import POSITION_POLICIES
@@ -37,6 +37,7 @@ class BuildOptions:
     max_batch: int = 8
     opset: int = DEFAULT_OPSET
     external_data_threshold: int = TWO_GB
+    force: bool = False  # replace an --out this project did not write
 
 
 def default_out(options: BuildOptions, engines_root: Path) -> Path:
@@ -62,11 +63,16 @@ def validate(options: BuildOptions) -> None:
         )
     if options.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {options.max_batch}")
+    if options.opset not in SUPPORTED_OPSETS:
+        raise UsageError(f"--opset must be between {SUPPORTED_OPSETS.start} and {SUPPORTED_OPSETS.stop - 1} "
+                         f"(what the exporter and the graphs support), got {options.opset}")
+    if options.pruning.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {options.pruning.seed}")
     if options.prompt_template is not None and "{}" not in options.prompt_template:
         raise UsageError(f"--prompt-template must contain '{{}}' where the question goes, got {options.prompt_template!r}")
     if options.pruning.layer_weights not in pruning.LAYER_WEIGHT_PRESETS:
-        # a custom list: check it is numeric now; its length is checked against the model later
-        pruning.parse_layer_weights(options.pruning.layer_weights, len(options.pruning.layer_weights.split(",")))
+        # a custom list: check it is numeric now; its length is checked against the model's layers later
+        pruning.parse_weight_list(options.pruning.layer_weights)
 
 
 def tool_versions() -> dict[str, str]:
@@ -115,6 +121,14 @@ def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph
     )
 
 
+def check_prompt(manifest: Manifest) -> None:
+    """The runtime's own prompt code on a sample question: a template or chat template the runtime would refuse
+    (no ``{}``, Mllama: not exactly one ``<|image|>``, a chat template that does not parse) fails the build now."""
+    from runtime.pipeline import make_pipeline
+
+    make_pipeline(manifest, runners={}).encode_questions(["what is in the image?"])
+
+
 def with_default_method(options: BuildOptions, adapter_cls) -> BuildOptions:
     """``--method`` left out: the model family's own method (CATP for BLIP-2, trim-sum for LLaMA-3.2-Vision)."""
     if options.pruning.method is not None:
@@ -128,26 +142,23 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
     options = with_default_method(options, adapter_cls)
     adapter_cls.check_options(options.pruning, options.positions)  # before the (possibly large) checkpoint is loaded
     out = Path(options.out) if options.out else default_out(options, engines_root)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise UsageError(f"--out {out} exists and is not an engines folder; choose an empty or new folder")
+    outdir.check_out(out, options.model, options.force)  # before the (possibly large) checkpoint is loaded
 
+    outdir.recover(out)  # leftovers of killed builds into the same folder
+    staging = outdir.make_staging(out)  # fails here, not after loading, when the folder cannot be created
     progress = Progress(total=3 + 4, quiet=quiet)
-    progress(f"loading {adapter_cls.name} checkpoint {options.model}")
-    adapter = adapter_cls(options.model, options.precision)
-    resolved = adapter.resolve(options.pruning, options.positions)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        progress(f"loading {adapter_cls.name} checkpoint {options.model}")
+        adapter = adapters.load(adapter_cls, options.model, options.precision)
+        resolved = adapter.resolve(options.pruning, options.positions)
+        check_prompt(describe(adapter, resolved, options, staging, graph_specs={}))  # before any tracing
         graph_specs = {}
         for graph in adapter.graphs(resolved):
             progress(f"tracing {graph.name} graph")
             graph_specs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
         progress("writing tokenizer, preprocessing settings and manifest")
         describe(adapter, resolved, options, staging, graph_specs).write(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        outdir.publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

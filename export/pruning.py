@@ -46,18 +46,27 @@ def parse_layer_weights(spec: str, num_layers: int) -> list[float]:
         return [0.0] * (num_layers - 1) + [1.0]
     if spec == "first+last":
         return [1.0 if i in (0, num_layers - 1) else 0.0 for i in range(num_layers)]
-    parts = [p for p in re.split(r"[,\s]+", spec) if p]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        raise UsageError(
-            f"--layer-weights must be one of {', '.join(LAYER_WEIGHT_PRESETS)} or a comma-separated list of "
-            f"numbers, got {spec!r}"
-        ) from None
+    weights = parse_weight_list(spec)
     if len(weights) != num_layers:
         raise UsageError(
             f"--layer-weights has {len(weights)} weight(s) but the model has {num_layers} cross-attention "
             f"layer(s); give exactly one weight per layer"
+        )
+    return weights
+
+
+def parse_weight_list(spec: str) -> list[float]:
+    """A custom ``--layer-weights`` list: finite, non-negative numbers, not all zero (its length is checked against
+    the model's cross-attention layers by :func:`parse_layer_weights`)."""
+    parts = [p for p in re.split(r"[,\s]+", spec.strip()) if p]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not weights:
+        raise UsageError(
+            f"--layer-weights must be one of {', '.join(LAYER_WEIGHT_PRESETS)} or a comma-separated list of "
+            f"numbers, got {spec!r}"
         )
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UsageError(f"--layer-weights must be finite, non-negative and not all zero, got {spec!r}")

@@ -17,6 +17,9 @@ from export.adapters.base import GraphExport
 from runtime.manifest import GraphSpec, TensorSpec
 
 DEFAULT_OPSET = 17
+# Measured with torch 2.13 (TorchScript exporter) on both families, every method: 7-10 fail at export (expand, dynamic
+# Slice, Pad, cumsum), 24+ are refused by torch.onnx; ONNX Runtime 1.31 runs up to 26.
+SUPPORTED_OPSETS = range(11, 24)
 TWO_GB = 2 * 1024**3
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 

@@ -30,9 +30,18 @@ def read_config(path: Path) -> dict:
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint folder (save_pretrained)")
     try:
-        return json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{config_path} is not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_path} is not a model config: JSON nested too deeply") from None
+    except OSError as err:
+        raise CheckpointError(f"{config_path} cannot be read: {err.strerror or err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not a model config: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def detect(path: str | Path) -> type[ModelAdapter]:
@@ -40,6 +49,8 @@ def detect(path: str | Path) -> type[ModelAdapter]:
     config = read_config(Path(path))
     known = by_architecture()
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"{path}/config.json: \"architectures\" must be a list of class names, got {architectures!r:.80}")
     for arch in architectures:
         if arch in known:
             return known[arch]
@@ -47,6 +58,22 @@ def detect(path: str | Path) -> type[ModelAdapter]:
     raise CheckpointError(
         f"{path}: unsupported architecture {found}; supported: {', '.join(sorted(known))}"
     )
+
+
+def load(adapter_cls: type[ModelAdapter], path: Path, precision: str) -> ModelAdapter:
+    """``adapter_cls(path, precision)``; a checkpoint that transformers cannot load (a config of the wrong shape,
+    damaged weights) is one ``CheckpointError`` line — what fails here is the checkpoint, not the export."""
+    from runtime.errors import VtpruneError
+
+    try:
+        return adapter_cls(path, precision)
+    except VtpruneError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"{path}: the checkpoint does not fit in memory") from None
+    except Exception as err:  # noqa: BLE001 - transformers/safetensors raise many types for a bad checkpoint
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {first})") from None
 
 
 def get(name: str) -> type[ModelAdapter]:

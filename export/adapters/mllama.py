@@ -228,6 +228,7 @@ class MllamaAdapter(ModelAdapter):
             "head_dim": int(text.hidden_size // text.num_attention_heads),
             "hidden_size": int(text.hidden_size),
             "vocab_size": int(text.vocab_size),
+            "max_position_embeddings": int(text.max_position_embeddings),
         }
 
     def save_tokenizer(self, folder: Path) -> str:
