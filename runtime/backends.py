@@ -61,17 +61,26 @@ def _ort_cpu(manifest: Manifest, graph: str) -> Runner:
     return OrtRunner(manifest.graph_path(graph), ["CPUExecutionProvider"])
 
 
-def _ort_cuda(manifest: Manifest, graph: str) -> Runner:
+def _require_cuda_provider() -> None:
     if "CUDAExecutionProvider" not in _onnxruntime().get_available_providers():
         raise UnsupportedError(
             "backend ort-cuda: this onnxruntime has no CUDAExecutionProvider (install '.[gpu]' in an environment "
             "without the CPU 'onnxruntime' package)"
         )
+
+
+def _ort_cuda(manifest: Manifest, graph: str) -> Runner:
+    _require_cuda_provider()
     return OrtRunner(manifest.graph_path(graph), ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
-def _trt(manifest: Manifest, graph: str) -> Runner:
+def _require_trt() -> None:
     raise UnsupportedError("backend trt: TensorRT engines are not built by this version yet (use ort-cpu or ort-cuda)")
+
+
+def _trt(manifest: Manifest, graph: str) -> Runner:
+    _require_trt()
+    raise AssertionError("unreachable")
 
 
 BACKENDS: dict[str, Callable[[Manifest, str], Runner]] = {
@@ -81,13 +90,19 @@ BACKENDS: dict[str, Callable[[Manifest, str], Runner]] = {
 }
 
 
+# what a backend needs from this machine, checked before any input is read
+REQUIREMENTS: dict[str, Callable[[], None]] = {"ort-cpu": lambda: None, "ort-cuda": _require_cuda_provider, "trt": _require_trt}
+
+
 def resolve_backend(name: str) -> str:
-    """``auto`` → ``ort-cuda`` when the CUDA provider exists, else ``ort-cpu``."""
+    """``auto`` → ``ort-cuda`` when the CUDA provider exists, else ``ort-cpu``; a named backend this machine cannot
+    run is one line now, not after the inputs were read."""
     if name == "auto":
         providers = _onnxruntime().get_available_providers()
         return "ort-cuda" if "CUDAExecutionProvider" in providers else "ort-cpu"
     if name not in BACKENDS:
         raise UsageError(f"unknown --backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    REQUIREMENTS[name]()
     return name
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from runtime.backends import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.pipeline import Answer, BatchedPipeline, _Clock, greedy_decode, presents_as_past
+from runtime.pipeline import Answer, BatchedPipeline, _Clock, finish_reasons, greedy_decode, presents_as_past
 from runtime.preprocess import preprocess
 from runtime.text import TextCodec, format_prompt
 
@@ -42,9 +42,17 @@ def render_chat_template(template: str, question: str, bos_token: str | None, eo
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return environment.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos_token or "", eos_token=eos_token or ""
-    )
+    try:
+        compiled = environment.from_string(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise UsageError(f"the chat template does not parse (line {err.lineno}: {err.message})") from None
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos_token or "",
+                               eos_token=eos_token or "")
+    except UsageError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as err:
+        raise UsageError(f"the chat template failed to render ({type(err).__name__}: {err})") from None
 
 
 def insert_bos(text: str, bos_token: str, image_token: str) -> str:
@@ -69,11 +77,11 @@ class MllamaPrompt:
 
     def __init__(self, codec: TextCodec, settings: dict[str, Any], prompt_template: str | None):
         self.codec, self.settings = codec, settings
-        self.template = prompt_template or settings.get("prompt_template")
+        self.template = prompt_template if prompt_template is not None else settings.get("prompt_template")
         self.chat_template = None if self.template else settings.get("chat_template")
-        if not self.template and not self.chat_template:
+        if self.template is None and not self.chat_template:
             self.template = settings["default_prompt_template"]
-        if self.template:
+        if self.template is not None:
             format_prompt(self.template, "")  # validate early
         self.image_token, self.image_token_id = settings["image_token"], int(settings["image_token_id"])
         self.bos_token = settings.get("bos_token")
@@ -157,7 +165,12 @@ class MllamaPipeline(BatchedPipeline):
                 ids, width, self.prompt.image_token_id, num_tiles, int(self.pruning["max_num_tiles"])),
         }
 
-    def decode(self, prefill_out: dict[str, np.ndarray], feeds: dict[str, np.ndarray], max_new_tokens: int) -> list[list[int]]:
+    def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
+        """Text positions count from 0 (the visual tokens are cross-attended, they take no positions)."""
+        return np.array([len(ids) for ids in text_ids], dtype=np.int64)
+
+    def decode(self, prefill_out: dict[str, np.ndarray], feeds: dict[str, np.ndarray], max_new_tokens: int,
+               row_limits: np.ndarray | None = None) -> list[list[int]]:
         decode_runner = self.runners["decode"]
         constant = {name: prefill_out[name] for name in decode_runner.input_names
                     if name.startswith("cross") or name == "text_row_mask"}  # cross.*, cross_mask_*: fixed per request
@@ -167,7 +180,7 @@ class MllamaPipeline(BatchedPipeline):
 
         next_position = feeds["position_ids"].max(axis=1) + 1
         return greedy_decode(step, prefill_out["logits"], presents_as_past(prefill_out), feeds["attention_mask"],
-                             next_position, self.text.eos_token_ids, self.text.pad_token_id, max_new_tokens)
+                             next_position, self.text.eos_token_ids, self.text.pad_token_id, max_new_tokens, row_limits)
 
     def cross_kv_bytes(self, prefill_out: dict[str, np.ndarray]) -> dict[str, Any]:
         """Per sample: bytes of the cross-attention keys/values untrimmed (N tokens in every cross layer) and as
@@ -189,13 +202,15 @@ class MllamaPipeline(BatchedPipeline):
         feeds = self.prefill_feeds(ids, states, pixels["aspect_ratio_mask"][:, 0].sum(axis=-1))
         prefill_out = self.runners["prefill"].run(feeds)
         clock.lap("prefill")
-        generated = self.decode(prefill_out, feeds, max_new_tokens)
+        limits = self.row_limits(ids)
+        generated = self.decode(prefill_out, feeds, max_new_tokens, limits)
         clock.lap("decode")
         timings = clock.summary()
         kv_bytes = self.cross_kv_bytes(prefill_out)
+        reasons = finish_reasons(generated, limits, max_new_tokens)
         return [
             Answer(answer=self.text.decode(row_ids), token_ids=row_ids,
                    kept_indices=[int(i) for i in prefill_out["kept_indices"][row]], timings_ms=timings,
-                   extra={"cross_kv_bytes": kv_bytes})
+                   extra={"cross_kv_bytes": kv_bytes}, finish_reason=reasons[row])
             for row, row_ids in enumerate(generated)
         ]

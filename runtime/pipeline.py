@@ -22,8 +22,8 @@ from PIL import Image
 from runtime.backends import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.preprocess import preprocess
-from runtime.text import TextCodec, format_prompt
+from runtime.preprocess import load_image, preprocess
+from runtime.text import TextCodec, check_text, format_prompt
 
 POSITION_POLICIES = ("original", "compact")
 
@@ -35,6 +35,7 @@ class Answer:
     kept_indices: list[int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "eos"  # eos | max_new_tokens | context_limit (the model's last position was reached)
 
 
 @dataclass
@@ -80,16 +81,19 @@ def greedy_decode(
     eos_token_ids: list[int],
     pad_token_id: int,
     max_new_tokens: int,
+    row_limits: np.ndarray | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with an explicit KV cache.
 
     logits (B, V) from the prefill; cache ``past.{i}.key|value`` (B, H, P, Dh); attention_mask (B, P).
-    Returns the generated ids per row, EOS excluded. Finished rows are fed padding (as HF does) until every row
-    has finished or ``max_new_tokens`` is reached.
+    Returns the generated ids per row, EOS excluded. A row finishes at EOS, at ``max_new_tokens``, or at its own
+    ``row_limits[row]`` tokens (the model's position limit); finished rows are fed padding (as HF does) until
+    every row has finished.
     """
     batch = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, dtype=bool)
+    limits = np.full(batch, max_new_tokens) if row_limits is None else np.minimum(row_limits, max_new_tokens)
     position = next_position.astype(np.int64).copy()
     for step in range(max_new_tokens):
         tokens = logits.argmax(axis=-1).astype(np.int64)  # (B,) first maximum on ties, as torch.argmax
@@ -100,6 +104,7 @@ def greedy_decode(
                     finished[row] = True
                 else:
                     generated[row].append(int(tokens[row]))
+                    finished[row] = len(generated[row]) >= limits[row]
         if finished.all() or step == max_new_tokens - 1:
             break
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
@@ -126,26 +131,74 @@ def slice_pixels(pixel_values, start: int, stop: int):
     return pixel_values[start:stop]
 
 
+def finish_reasons(generated: list[list[int]], row_limits: np.ndarray, max_new_tokens: int) -> list[str]:
+    """Why each row stopped: ``context_limit`` (its position budget ran out before ``max_new_tokens``),
+    ``max_new_tokens``, or ``eos``."""
+    reasons = []
+    for ids, limit in zip(generated, row_limits):
+        if len(ids) >= limit and limit < max_new_tokens:
+            reasons.append("context_limit")
+        elif len(ids) >= max_new_tokens:
+            reasons.append("max_new_tokens")
+        else:
+            reasons.append("eos")
+    return reasons
+
+
 class BatchedPipeline:
-    """What every family's pipeline shares: ``answer()`` checks its arguments and splits the work into batches of
-    at most the manifest's ``max_batch``; the family implements ``answer_batch()``."""
+    """What every family's pipeline shares: ``answer()`` checks its arguments — the context limit included, for
+    every question before anything runs — and splits the work into batches of at most the manifest's
+    ``max_batch`` (images given as paths are decoded one batch at a time); the family implements
+    ``answer_batch()`` and ``first_generated_positions()``."""
 
     manifest: Manifest
+    max_image_pixels: int | None = None  # decoding paths: refuse larger images (Pillow's bomb check)
 
-    def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 10,
-               pixel_values=None) -> list[Answer]:
-        """Answer (image, question) pairs. ``pixel_values``: already preprocessed inputs (skips preprocessing)."""
+    @property
+    def position_limit(self) -> int:
+        """Positions the language model has (its ``max_position_embeddings``)."""
+        return int(self.manifest.language_model["max_position_embeddings"])
+
+    def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
+        """(B,) the position the first generated token takes, per prompt."""
+        raise NotImplementedError
+
+    def row_limits(self, text_ids: list[list[int]]) -> np.ndarray:
+        """(B,) how many tokens each prompt leaves room for before the position limit."""
+        return self.position_limit - self.first_generated_positions(text_ids)
+
+    def check_context(self, questions: list[str]) -> None:
+        """Refuse (one line) any question whose prompt alone fills the model's positions; prompts that fit are
+        answered, and generation stops at the limit (``finish_reason`` ``context_limit``)."""
+        for index, question in enumerate(questions):
+            check_text(question, f"question {index + 1}")
+            ids = self.encode_questions([question])
+            room = int(self.row_limits(ids)[0])
+            if room < 1:
+                used = self.position_limit - room
+                raise UsageError(
+                    f"question {index + 1} is too long for this model: its prompt (+ visual tokens) takes {used} "
+                    f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
+
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None) -> list[Answer]:
+        """Answer (image, question) pairs. ``images``: PIL images or paths (decoded per batch); ``pixel_values``:
+        already preprocessed inputs (skips preprocessing)."""
         if len(questions) == 0:
             return []
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.check_context(questions)
         max_batch = self.manifest.max_batch
         answers: list[Answer] = []
         for start in range(0, len(questions), max_batch):
             stop = start + max_batch
-            answers += self.answer_batch(images[start:stop] if images else [], questions[start:stop], max_new_tokens,
+            batch_images = [self.open_image(image) for image in images[start:stop]] if images else []
+            answers += self.answer_batch(batch_images, questions[start:stop], max_new_tokens,
                                          slice_pixels(pixel_values, start, stop))
         return answers
+
+    def open_image(self, image) -> Image.Image:
+        return image if isinstance(image, Image.Image) else load_image(image, self.max_image_pixels)
 
     def answer_batch(self, images, questions, max_new_tokens, pixel_values) -> list[Answer]:
         raise NotImplementedError
@@ -160,7 +213,7 @@ class Blip2Pipeline(BatchedPipeline):
         self.manifest = manifest
         self.runners = runners
         self.text = TextCodec(manifest.path(manifest.text["tokenizer"]), manifest.text)
-        self.prompt_template = prompt_template or manifest.text["prompt_template"]
+        self.prompt_template = prompt_template if prompt_template is not None else manifest.text["prompt_template"]
         format_prompt(self.prompt_template, "")  # validate early
         self.positions = manifest.pruning["positions"]
         self.float_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
@@ -197,7 +250,13 @@ class Blip2Pipeline(BatchedPipeline):
             {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
         )
 
-    def decode(self, prefill_out: dict[str, np.ndarray], batch: PrefillBatch, max_new_tokens: int) -> list[list[int]]:
+    def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
+        """``original``: text at ``Q + t``; ``compact``: at ``k + t``."""
+        start = self.manifest.num_visual_tokens if self.positions == "original" else self.manifest.k
+        return np.array([start + len(ids) for ids in text_ids], dtype=np.int64)
+
+    def decode(self, prefill_out: dict[str, np.ndarray], batch: PrefillBatch, max_new_tokens: int,
+               row_limits: np.ndarray | None = None) -> list[list[int]]:
         return greedy_decode(
             self.runners["decode"].run,
             prefill_out["logits"],
@@ -207,6 +266,7 @@ class Blip2Pipeline(BatchedPipeline):
             self.text.eos_token_ids,
             self.text.pad_token_id,
             max_new_tokens,
+            row_limits,
         )
 
     # ------------------------------------------------------------------ end to end
@@ -222,15 +282,18 @@ class Blip2Pipeline(BatchedPipeline):
         batch = self.build_prefill(visual["query_embeds"], visual["kept_indices"], text_ids)
         prefill_out = self.prefill(batch)
         clock.lap("prefill")
-        generated = self.decode(prefill_out, batch, max_new_tokens)
+        limits = self.row_limits(text_ids)
+        generated = self.decode(prefill_out, batch, max_new_tokens, limits)
         clock.lap("decode")
         timings = clock.summary()
+        reasons = finish_reasons(generated, limits, max_new_tokens)
         return [
             Answer(
                 answer=self.text.decode(ids),
                 token_ids=ids,
                 kept_indices=[int(i) for i in visual["kept_indices"][row]],
                 timings_ms=timings,
+                finish_reason=reasons[row],
             )
             for row, ids in enumerate(generated)
         ]

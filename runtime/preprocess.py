@@ -5,6 +5,8 @@ runtime never reads HF's config formats. Each processor kind is one function reg
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,14 +27,54 @@ def register(kind: str) -> Callable[[Preprocessor], Preprocessor]:
     return wrap
 
 
-def load_image(path: str | Path) -> Image.Image:
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+
+
+@contextmanager
+def _opened(path: str | Path, max_pixels: int | None):
+    """``Image.open`` (header only) with every failure as one ``UsageError`` line, and images above ``max_pixels``
+    refused before anything is decoded (our check in place of Pillow's decompression-bomb check)."""
+    limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; the size is checked below, before decoding
     try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except OSError as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(path)
+            except FileNotFoundError:
+                raise UsageError(f"image not found: {path}") from None
+            except IsADirectoryError:
+                raise UsageError(f"image {path} is a folder, not a file") from None
+            except (OSError, ValueError, SyntaxError) as err:  # Pillow raises these for bad or unknown files
+                raise UsageError(f"cannot read image {path}: {err}") from None
+            width, height = image.size
+            if width * height > limit:
+                image.close()
+                raise UsageError(f"image {path} is {width}x{height} = {width * height} pixels, over "
+                                 f"--max-image-pixels ({limit}); raise it if the image is trusted")
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def peek_image(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """Check that ``path`` is an image within the pixel limit without decoding it; its (width, height)."""
+    with _opened(path, max_pixels) as image:
+        size = image.size
+        image.close()
+    return size
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Decode the image at ``path`` (one ``UsageError`` line for a missing, broken or too large file)."""
+    with _opened(path, max_pixels) as image:
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            raise UsageError(f"cannot decode image {path}: {err}") from None
+        except MemoryError:
+            raise UsageError(f"image {path} does not fit in memory") from None
     return image
 
 

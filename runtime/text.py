@@ -13,7 +13,22 @@ from tokenizers import Tokenizer
 from runtime.errors import UsageError
 
 
+def check_text(text: object, what: str) -> str:
+    """``text`` as a question or template must be a string of real Unicode characters (no lone surrogates, as
+    undecodable bytes on a command line or ``\\ud800`` in JSON give)."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{what} is not valid Unicode text (a lone surrogate at character {err.start}; "
+                         "undecodable bytes?)") from None
+    return text
+
+
 def format_prompt(template: str, question: str) -> str:
+    check_text(template, "the prompt template")
+    check_text(question, "the question")
     if "{}" not in template:
         raise UsageError(f"--prompt-template must contain '{{}}' where the question goes, got {template!r}")
     return template.replace("{}", question, 1)
