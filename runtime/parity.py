@@ -18,8 +18,6 @@ float64 copy of the model does not fit in memory).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path

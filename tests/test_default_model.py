@@ -93,6 +93,7 @@ def test_parity_on_trained_model_with_catp_rank_ties(tmp_path):
             assert row["near_tie"] and row["bounds"]
 
 
+@pytest.mark.slow
 def test_training_smoke(tmp_path):
     pytest.importorskip("easy_vqa")
     out = tmp_path / "smoke"

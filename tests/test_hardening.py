@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import REPO, run_cli
 from export import outdir
-from runtime.errors import ManifestError, UsageError
+from runtime.errors import ManifestError
 from runtime.manifest import Manifest
 
 SAMPLE = REPO / "samples" / "easyvqa-test-0.png"
@@ -87,6 +87,7 @@ def test_out_that_can_never_be_ours_is_refused_before_loading(tiny_blip2, tmp_pa
     assert time.perf_counter() - started < 60
 
 
+@pytest.mark.slow
 def test_out_gets_the_users_umask(tiny_blip2, tmp_path):
     for mask, expected in ((0o022, 0o755), (0o077, 0o700), (0o002, 0o775)):
         out = tmp_path / f"u{mask:o}"
@@ -237,7 +238,7 @@ def test_context_limit(engines, tmp_path):
     too_long = " ".join(["what"] * limit)
     result = run_cli("runtime/infer.py", "--engines", engines, "--image", SAMPLE, "--question", "what?",
                      "--image", SAMPLE, "--question", too_long)
-    assert_one_error_line(result, f"question 2 is too long for this model")
+    assert_one_error_line(result, "question 2 is too long for this model")
     assert f"has {limit}" in result.stderr and result.stdout == ""  # nothing ran, nothing printed
 
     # a prompt that fits is answered; generation stops at the model's last position
@@ -330,14 +331,19 @@ def test_parity_reference_moved_or_without_weights(tiny_blip2, tmp_path):
 # ------------------------------------------------------------------------------------------------ Mllama prompts
 
 
+@pytest.fixture(scope="module")
+def chat_mllama(tmp_path_factory):
+    from export.tiny import TinyMllamaSpec, make_tiny_mllama
+
+    return make_tiny_mllama(tmp_path_factory.mktemp("models") / "chat-mllama", TinyMllamaSpec(chat_template=True))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-template", "no image here: {}"], "exactly one <|image|>"),
     (["--prompt-template", "<|image|><|image|> two: {}"], "exactly one <|image|>"),
 ])
-def test_mllama_prompt_templates_are_refused_at_build_time(flags, message, tmp_path):
-    from export.tiny import make_tiny_mllama
-
-    model = make_tiny_mllama(tmp_path / "mllama")
+def test_mllama_prompt_templates_are_refused_at_build_time(flags, message, chat_mllama, tmp_path):
+    model = chat_mllama  # --prompt-template overrides the chat template
     out = tmp_path / "out"
     result = run_cli("export/build.py", "--model", model, "--out", out, *flags)
     assert_one_error_line(result, message)
@@ -350,10 +356,9 @@ def test_mllama_prompt_templates_are_refused_at_build_time(flags, message, tmp_p
     ("<|image|>{{ messages[0]['content'][1]['text'] }}<|image|>", "exactly one <|image|>"),
     ("{{ raise_exception('no') }}", "refused the prompt"),
 ])
-def test_mllama_chat_templates_are_checked_at_build_time(template, message, tmp_path):
-    from export.tiny import TinyMllamaSpec, make_tiny_mllama
-
-    model = make_tiny_mllama(tmp_path / "mllama", TinyMllamaSpec(chat_template=True))
+def test_mllama_chat_templates_are_checked_at_build_time(template, message, chat_mllama, tmp_path):
+    model = tmp_path / "mllama"
+    shutil.copytree(chat_mllama, model)
     (model / "chat_template.jinja").write_text(template)
     out = tmp_path / "out"
     result = run_cli("export/build.py", "--model", model, "--out", out)

@@ -171,7 +171,7 @@ def independent_trim_sum(model_dir, image, question, k):
     return set(order[:k].tolist()), scores, boundary
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+@pytest.mark.parametrize("ratio", [0.0, pytest.param(0.5, marks=pytest.mark.slow), 0.75])
 def test_acceptance_unseen_checkpoint(unseen_mllama, sample_files, tmp_path, ratio):
     """build.py → infer.py --json: kept sets equal an independent trim-sum on HF's attention, the answer equals the
     PyTorch reference's (parity.py, exit 0), and at ratio 0 HF generate's."""
@@ -209,6 +209,7 @@ def test_acceptance_unseen_checkpoint(unseen_mllama, sample_files, tmp_path, rat
     assert stages["hf_anchor"]["applicable"] is (ratio == 0.0)
 
 
+@pytest.mark.slow
 def test_trim_first_layer_and_other_methods(tiny_mllama, sample_files, tmp_path):
     for method, extra in (("trim-union", []), ("l2", ["--trim-first-layer"]), ("uniform", []), ("random", ["--seed", "3"])):
         out = tmp_path / method
@@ -293,7 +294,8 @@ def test_mllama_cli_errors(tiny_mllama, sample_files, tmp_path):
 # ------------------------------------------------------------------------------------------------ TensorRT limit
 
 
-@pytest.mark.parametrize("method,ratio", [("trim-sum", 0.25), ("trim-sum", 0.5), ("trim-union", 0.1)])
+@pytest.mark.parametrize("method,ratio", [pytest.param("trim-sum", 0.25, marks=pytest.mark.slow),
+                                          pytest.param("trim-sum", 0.5, marks=pytest.mark.slow), ("trim-union", 0.1)])
 def test_real_token_count_builds_without_large_topk(tmp_path, method, ratio):
     """N = 4 tiles × 1601 = 6404 (560 px, patch 14) with tiny hidden sizes: no exported TopK has K > 3840 (TensorRT's
     limit), and the prefill graph runs in ONNX Runtime with the reference's kept set."""

@@ -135,7 +135,7 @@ def test_perturbed_initializer_fails_far_above_the_noise(scaled_engines, tmp_pat
     assert not report["stages"][graph]["passed"]
     margin = worst_exceedance(report["stages"][graph])
     assert margin > 1e3, margin  # orders of magnitude above the bound, not a borderline failure
-    assert f"error/bound=" in result.stderr
+    assert "error/bound=" in result.stderr
 
 
 def test_fp16_perturbed_initializer_fails(engines_factory, tmp_path):
