@@ -142,6 +142,8 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
     options = with_default_method(options, adapter_cls)
     adapter_cls.check_options(options.pruning, options.positions)  # before the (possibly large) checkpoint is loaded
     out = Path(options.out) if options.out else default_out(options, engines_root)
+    if out.is_symlink():  # a link to an engines folder: the folder it names is what gets replaced
+        out = out.resolve()
     outdir.check_out(out, options.model, options.force)  # before the (possibly large) checkpoint is loaded
 
     outdir.recover(out)  # leftovers of killed builds into the same folder

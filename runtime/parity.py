@@ -239,7 +239,7 @@ def run_parity(
         "passed": all(stage["passed"] for stage in stages.values()),
     }
     try:
-        out_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        write_atomically(out_path, json.dumps(report, indent=2, default=_json_default) + "\n")
     except OSError as err:
         raise UsageError(f"cannot write the parity report {out_path}: {err.strerror or err}") from None
     if not quiet:
@@ -247,6 +247,30 @@ def run_parity(
             print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
         print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
     return report
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary sibling and a rename: never a half-written report."""
+    import os
+    import tempfile
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_reference(manifest, model: str | Path | None):

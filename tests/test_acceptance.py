@@ -41,7 +41,8 @@ def samples(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(UNSEEN))
-@pytest.mark.parametrize("ratio", [0.0, pytest.param(0.33, marks=pytest.mark.slow), 0.5, pytest.param(0.75, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ratio", [pytest.param(0.0, marks=pytest.mark.slow), pytest.param(0.33, marks=pytest.mark.slow), 0.5,
+                                   pytest.param(0.75, marks=pytest.mark.slow)])
 def test_unseen_checkpoint_matches_independent_voting_and_hf(name, ratio, samples, tmp_path):
     model_dir = make_tiny_blip2(tmp_path / name, UNSEEN[name])
     out = tmp_path / "engines"

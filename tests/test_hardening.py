@@ -63,6 +63,12 @@ def test_foreign_folder_is_refused_unless_forced(tiny_blip2, tmp_path):
     run_cli("export/build.py", "--model", tiny_blip2, "--out", engines, "--ratio", "0.25", "--quiet", check=True)
     assert Manifest.load(engines).pruning["ratio"] == 0.25
 
+    # --out a symbolic link to an engines folder: the folder it names is replaced, the link stays a link
+    link = tmp_path / "link"
+    link.symlink_to(engines)
+    run_cli("export/build.py", "--model", tiny_blip2, "--out", link, "--ratio", "0.75", "--quiet", check=True)
+    assert link.is_symlink() and Manifest.load(engines).pruning["ratio"] == 0.75
+
     run_cli("export/build.py", "--model", tiny_blip2, "--out", out, "--force", "--quiet", check=True)
     assert not (out / "thesis.tex").exists() and Manifest.load(out).family == "blip2-opt"
 

@@ -171,7 +171,7 @@ def independent_trim_sum(model_dir, image, question, k):
     return set(order[:k].tolist()), scores, boundary
 
 
-@pytest.mark.parametrize("ratio", [0.0, pytest.param(0.5, marks=pytest.mark.slow), 0.75])
+@pytest.mark.parametrize("ratio", [pytest.param(0.0, marks=pytest.mark.slow), pytest.param(0.5, marks=pytest.mark.slow), 0.75])
 def test_acceptance_unseen_checkpoint(unseen_mllama, sample_files, tmp_path, ratio):
     """build.py → infer.py --json: kept sets equal an independent trim-sum on HF's attention, the answer equals the
     PyTorch reference's (parity.py, exit 0), and at ratio 0 HF generate's."""
