@@ -25,17 +25,12 @@ import tempfile
 from pathlib import Path
 
 from runtime.errors import UsageError
+from runtime.files import current_umask
 from runtime.manifest import MANIFEST_NAME, SCHEMA_NAME
 
 # Files this project's tools write into an engines folder beside those its manifest lists.
 TOOL_FILES = frozenset({MANIFEST_NAME, "parity.json"})
 _HIDDEN = re.compile(r"^\.(?P<name>.+)\.vtprune-(?P<kind>staging|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -55,6 +55,7 @@ def _json_type(value) -> str:
 
 def read_jsonl(path: Path) -> list[tuple[str, str]]:
     """(image path, question) per non-empty line of ``path``; image paths relative to the file's folder."""
+    from runtime.files import parse_json
     from runtime.text import check_text
 
     try:
@@ -76,12 +77,7 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f'{where}: not valid JSON ({err.msg}); expected {{"image": ..., "question": ...}}') from None
-        except RecursionError:
-            raise UsageError(f"{where}: JSON nested too deeply") from None
+        record = parse_json(line, where, UsageError)
         if not isinstance(record, dict):
             raise UsageError(f'{where}: expected an object {{"image": ..., "question": ...}}, got {_json_type(record)}')
         for key in ("image", "question"):

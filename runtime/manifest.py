@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.errors import ManifestError
+from runtime.files import parse_json
 
 SCHEMA_NAME = "vtprune.manifest"
 SCHEMA_VERSION = 2
@@ -305,12 +306,7 @@ class Manifest:
         descriptors: dict[str, int] = {}
         try:
             text = _read_manifest(root / MANIFEST_NAME, path)
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{path} is not valid JSON: {err}") from None
-            except RecursionError:
-                raise ManifestError(f"{path} is not a manifest: JSON nested too deeply") from None
+            data = parse_json(text, str(path), ManifestError)
             manifest = cls.from_data(data, folder, root)
             manifest._pinned_files = descriptors if fd is not None else None
             if verify:

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable, and 
 import numpy as np  # noqa: E402
 
 from runtime.errors import ManifestError, UsageError, cli_errors  # noqa: E402
+from runtime.files import write_atomically  # noqa: E402
 from runtime.tolerance import Calibration, judge_tensors  # noqa: E402
 
 # What is not a float tensor's elementwise value (those are judged by ``runtime.tolerance``), per precision of the
@@ -247,30 +248,6 @@ def run_parity(
             print(f"parity: {name:<11} {'ok' if stage['passed'] else 'FAILED'}{_stage_note(stage)}", file=sys.stderr)
         print(f"parity: {'PASSED' if report['passed'] else 'FAILED'} -> {out_path}", file=sys.stderr)
     return report
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary sibling and a rename: never a half-written report."""
-    import os
-    import tempfile
-
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_reference(manifest, model: str | Path | None):

@@ -5,11 +5,11 @@ never an if/elif chain on model-type strings.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from export.adapters.base import ModelAdapter
 from runtime.errors import CheckpointError
+from runtime.files import parse_json
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -30,15 +30,12 @@ def read_config(path: Path) -> dict:
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint folder (save_pretrained)")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        text = config_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CheckpointError(f"{config_path} is not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise CheckpointError(f"{config_path} is not a model config: JSON nested too deeply") from None
     except OSError as err:
         raise CheckpointError(f"{config_path} cannot be read: {err.strerror or err}") from None
+    config = parse_json(text, str(config_path), CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} is not a model config: expected a JSON object, got {type(config).__name__}")
     return config
