@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from runtime.errors import ManifestError, UsageError, cli_errors  # noqa: E402
 from runtime.files import write_atomically  # noqa: E402
-from runtime.tolerance import Calibration, judge_tensors  # noqa: E402
+from runtime.tolerance import Calibration, judge_tensors, tensor_stats  # noqa: E402
 
 # What is not a float tensor's elementwise value (those are judged by ``runtime.tolerance``), per precision of the
 # exported graphs (the reference always runs fp32): ``logit_margin`` — a greedy token may differ where the
@@ -62,21 +62,6 @@ def default_images(count: int, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-
-
-def tensor_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    if reference.size == 0:
-        return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "cosine": 1.0, "empty": True}
-    ref = reference.astype(np.float64).ravel()
-    act = actual.astype(np.float64).ravel()
-    diff = np.abs(ref - act)
-    denom = np.linalg.norm(ref) * np.linalg.norm(act)
-    return {
-        "max_abs": float(diff.max(initial=0.0)),
-        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)),
-        "mean_abs": float(diff.mean()) if diff.size else 0.0,
-        "cosine": float(ref @ act / denom) if denom > 0 else float(np.array_equal(ref, act)),
-    }
 
 
 def compare_kept_sets(ref_scores: np.ndarray, ref_kept: np.ndarray, kept: np.ndarray, tol: float) -> dict[str, Any]:

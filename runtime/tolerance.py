@@ -102,16 +102,24 @@ def _max_abs(a: np.ndarray) -> float:
     return float(finite.max(initial=0.0))
 
 
-def _shape_of_error(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """Largest relative error and cosine similarity vs the fp32 reference (reported, not judged)."""
+def tensor_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """max abs, max rel, mean abs differences and cosine similarity of ``actual`` vs ``reference`` (reported, not
+    judged); over the elements finite on both sides."""
+    if reference.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "cosine": 1.0, "empty": True}
     ref, act = reference.astype(np.float64).ravel(), actual.astype(np.float64).ravel()
     finite = np.isfinite(ref) & np.isfinite(act)
     ref, act = ref[finite], act[finite]
     diff = np.abs(ref - act)
-    norms = np.linalg.norm(ref) * np.linalg.norm(act)
     with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(ref) * np.linalg.norm(act)
         cosine = float(ref @ act / norms) if norms > 0 and np.isfinite(norms) else float(np.array_equal(ref, act))
-    return {"max_rel": float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)), "cosine": cosine}
+    return {
+        "max_abs": float(diff.max(initial=0.0)),
+        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)),
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "cosine": cosine,
+    }
 
 
 def judge_tensor(ref32: np.ndarray, ref64: np.ndarray | None, actual: np.ndarray, calibration: Calibration) -> dict[str, Any]:
@@ -124,7 +132,7 @@ def judge_tensor(ref32: np.ndarray, ref64: np.ndarray | None, actual: np.ndarray
         equal = bool(np.array_equal(ref32, actual))
         return {"passed": equal, "exact": True, "max_abs": _max_abs_difference(ref32, actual)}
     err32 = _max_abs_difference(actual, ref32)
-    stats: dict[str, Any] = {"max_abs": err32, "max_abs_vs_fp32": err32, "scale": _max_abs(ref32), **_shape_of_error(ref32, actual)}
+    stats: dict[str, Any] = {**tensor_stats(ref32, actual), "max_abs": err32, "max_abs_vs_fp32": err32, "scale": _max_abs(ref32)}
     if calibration.mode == "float64" and ref64 is not None:
         errors = _abs_difference(actual, ref64)
         err64 = float(errors.max(initial=0.0))
