@@ -60,21 +60,15 @@ def default_model() -> Path:
 def build_or_explain(options, quiet: bool) -> Path:
     """``build()``; an unexpected failure becomes one line naming a log file with the full traceback (the builder
     has already removed everything it staged)."""
-    import tempfile
-    import traceback
-
     from export.builder import build
-    from runtime.errors import ExportError, VtpruneError
+    from runtime.errors import ExportError, VtpruneError, explain_unexpected
 
     try:
         return build(options, ENGINES, quiet=quiet)
     except VtpruneError:
         raise
     except Exception as err:  # noqa: BLE001 - reported as one line, the details in the log
-        with tempfile.NamedTemporaryFile("w", prefix="vtprune-build-", suffix=".log", delete=False) as log:
-            traceback.print_exc(file=log)
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        raise ExportError(f"export failed ({type(err).__name__}: {first_line}); full traceback in {log.name}") from None
+        raise ExportError(explain_unexpected(err, "export failed")) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,13 +153,13 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
         progress(f"loading {adapter_cls.name} checkpoint {options.model}")
         adapter = adapters.load(adapter_cls, options.model, options.precision)
         resolved = adapter.resolve(options.pruning, options.positions)
-        check_prompt(describe(adapter, resolved, options, staging, graph_specs={}))  # before any tracing
-        graph_specs = {}
+        manifest = describe(adapter, resolved, options, staging, graph_specs={})  # writes the tokenizer
+        check_prompt(manifest)  # before any tracing
         for graph in adapter.graphs(resolved):
             progress(f"tracing {graph.name} graph")
-            graph_specs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
-        progress("writing tokenizer, preprocessing settings and manifest")
-        describe(adapter, resolved, options, staging, graph_specs).write(staging)
+            manifest.graphs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
+        progress("writing preprocessing settings and manifest")
+        manifest.write(staging)
         outdir.publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -342,7 +342,7 @@ class Manifest:
                 if held is None:
                     _close(fd)
                 raise ManifestError(f"{shown}: sha256 {actual[:12]}… differs from the manifest's {digest[:12]}…")
-            if self._pinned_files is not None and _PROC_FD.is_dir():
+            if self._pinned_files is not None:  # set only where /proc/self/fd pinned the folder
                 self._pinned_files[name] = fd
             else:
                 _close(fd)

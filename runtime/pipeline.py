@@ -172,13 +172,12 @@ class BatchedPipeline:
         answered, and generation stops at the limit (``finish_reason`` ``context_limit``)."""
         for index, question in enumerate(questions):
             check_text(question, f"question {index + 1}")
-            ids = self.encode_questions([question])
-            room = int(self.row_limits(ids)[0])
-            if room < 1:
-                used = self.position_limit - room
-                raise UsageError(
-                    f"question {index + 1} is too long for this model: its prompt (+ visual tokens) takes {used} "
-                    f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
+        rooms = self.row_limits(self.encode_questions(questions))  # (B,)
+        for index in np.flatnonzero(rooms < 1)[:1]:
+            used = self.position_limit - int(rooms[index])
+            raise UsageError(
+                f"question {index + 1} is too long for this model: its prompt (+ visual tokens) takes {used} "
+                f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None) -> list[Answer]:
         """Answer (image, question) pairs. ``images``: PIL images or paths (decoded per batch); ``pixel_values``:
