@@ -19,7 +19,7 @@ from export.pruning import PruningConfig
 from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
 from runtime.errors import UnsupportedError, UsageError
 from runtime.manifest import Manifest
-from runtime.pipeline import POSITION_POLICIES
+from runtime.manifest import POSITION_POLICIES
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "trt")

@@ -18,7 +18,7 @@ import sys
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -69,12 +69,17 @@ class ModelSchema(_Section):
     weights_sha256: dict[str, Sha256]
 
 
+# where kept visual tokens sit in the language model's positions (BLIP-2; see runtime/pipelines/blip2.py)
+PositionPolicy = Literal["original", "compact"]
+POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
+
+
 class PruningSchema(_Section):
     method: Annotated[str, Field(min_length=1)]
     ratio: Annotated[float, Field(ge=0.0, lt=1.0)]
     k: PositiveInt
     num_visual_tokens: PositiveInt
-    positions: Literal["original", "compact"]
+    positions: PositionPolicy
     seed: NonNegativeInt
     max_num_tiles: PositiveInt | None = None  # Mllama
 

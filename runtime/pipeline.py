@@ -21,12 +21,9 @@ from PIL import Image
 
 from runtime.backends import Runner
 from runtime.errors import UsageError
-from runtime.manifest import Manifest
+from runtime.manifest import POSITION_POLICIES, Manifest
 from runtime.preprocess import load_image, preprocess
 from runtime.text import TextCodec, check_text, format_prompt
-
-POSITION_POLICIES = ("original", "compact")
-
 
 @dataclass
 class Answer:

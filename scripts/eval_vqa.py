@@ -149,7 +149,7 @@ def layer_weight_specs(text: str) -> list[str]:
 def make_grid(args: argparse.Namespace) -> list[Config]:
     """Unpruned first (when 0 is among the ratios), then ratio × method × (CATP: layer weights) × positions."""
     from export.pruning import check_method, keep_count
-    from runtime.pipeline import POSITION_POLICIES
+    from runtime.manifest import POSITION_POLICIES
 
     ratios = []
     for item in comma_list(args.ratios, "--ratios"):
