@@ -124,7 +124,7 @@ def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph
 def check_prompt(manifest: Manifest) -> None:
     """The runtime's own prompt code on a sample question: a template or chat template the runtime would refuse
     (no ``{}``, Mllama: not exactly one ``<|image|>``, a chat template that does not parse) fails the build now."""
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     make_pipeline(manifest, runners={}).encode_questions(["what is in the image?"])
 
@@ -172,7 +172,7 @@ def reference_pipeline(options: BuildOptions, folder: Path, adapter=None):
     """The PyTorch reference pipeline for ``options`` without tracing anything: the runtime pipeline driven by torch
     runners (``eval_vqa.py --backend torch``). ``folder`` receives the tokenizer; pass ``adapter`` to reuse a
     loaded model across configurations."""
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     validate(options)
     adapter_cls = type(adapter) if adapter is not None else adapters.detect(options.model)

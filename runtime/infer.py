@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     with cli_errors("infer.py"):
         from runtime.backends import load_runners, resolve_backend
         from runtime.manifest import Manifest
-        from runtime.pipeline import make_pipeline
+        from runtime.pipelines import make_pipeline
         from runtime.preprocess import peek_image
 
         check_flags(args)

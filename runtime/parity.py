@@ -299,7 +299,7 @@ class ParityContext:
     def pipelines(self):
         """(reference pipeline, reference runners, ONNX pipeline, ONNX runners), runners recording every call."""
         from runtime.backends import load_runners
-        from runtime.pipeline import make_pipeline
+        from runtime.pipelines import make_pipeline
 
         reference_runners = {name: _RecordingRunner(r) for name, r in self.adapter.torch_runners(self.manifest.pruning).items()}
         onnx_runners = {name: _RecordingRunner(r) for name, r in load_runners(self.manifest, self.backend).items()}
@@ -483,7 +483,7 @@ def _strip_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 def _answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, margins_out):
     """Run the reference pipeline batch by batch, recording each row's top-2 logit margin at every greedy step."""
-    from runtime.pipeline import slice_pixels
+    from runtime.pipelines import slice_pixels
 
     steps: list[np.ndarray] = []
     originals = {name: pipeline.runners[name] for name in ("prefill", "decode")}

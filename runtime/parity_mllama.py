@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.mllama import cross_attention_mask
+from runtime.pipelines.mllama import cross_attention_mask
 from runtime.text import format_prompt
 from runtime.parity import (ParityContext, _cast_feeds, _concat_calls, _strip_after_eos,
                             compare_kept_sets, compare_kept_sets_with_bounds, compare_scores_to_bounds,

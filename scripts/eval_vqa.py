@@ -271,7 +271,7 @@ class Pipelines:
 
         from runtime.backends import load_runners
         from runtime.manifest import Manifest
-        from runtime.pipeline import make_pipeline
+        from runtime.pipelines import make_pipeline
 
         manifest = Manifest.load(self.folder(config), verify=False)  # sha256 of every file checked by prepare()
         manifest.max_batch = self.args.batch_size  # batch is dynamic in the graphs; the cache is shared across sizes

@@ -12,7 +12,7 @@ from export.builder import BuildOptions, build
 from export.pruning import PruningConfig
 from runtime.backends import load_runners
 from runtime.manifest import Manifest
-from runtime.pipeline import make_pipeline
+from runtime.pipelines import make_pipeline
 from runtime.preprocess import load_image
 
 MODEL = REPO / "models" / "blip2-easyvqa"

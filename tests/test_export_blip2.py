@@ -83,7 +83,7 @@ def test_parity_batch_1_and_3(engines, count):
 
 def test_batched_answers_equal_single(engines):
     from runtime.backends import load_runners
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     manifest = Manifest.load(engines)
     pipeline = make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
@@ -105,7 +105,7 @@ def test_every_method_exports_with_parity(engines_factory, method):
 
 def test_first_k_and_random_keep_fixed_tokens(engines_factory):
     from runtime.backends import load_runners
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     for method, check in (("first-k", lambda kept: kept == [[0, 1, 2, 3]] * 3), ("random", lambda kept: kept[0] == kept[1] == kept[2])):
         manifest = Manifest.load(engines_factory(ratio=0.5, method=method))
@@ -155,7 +155,7 @@ def test_position_policies(engines_factory, positions):
 
 def test_position_policies_differ(engines_factory):
     """Same kept tokens, different positions → the prefill inputs differ exactly as papers.md describes."""
-    from runtime.pipeline import prefill_positions
+    from runtime.pipelines.blip2 import prefill_positions
 
     kept = np.array([[1, 3, 6]])
     original = prefill_positions("original", kept, 8, [2], 3)

@@ -220,7 +220,7 @@ def test_loaded_manifest_keeps_reading_the_folder_it_checked(tiny_blip2, engines
     """A concurrent rebuild swaps the folder after the integrity check: the loaded manifest still reads the files
     it checked (the folder is pinned), never the new build's."""
     from runtime.backends import load_runners
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     out = tmp_path / "engines"
     run_cli("export/build.py", "--model", tiny_blip2, "--out", out, "--ratio", "0.5", "--quiet", check=True)
@@ -249,7 +249,7 @@ def test_context_limit(engines, tmp_path):
 
     # a prompt that fits is answered; generation stops at the model's last position
     from runtime.backends import load_runners
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     pipeline = make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
     fits = " ".join(["what"] * (limit - manifest.num_visual_tokens - 8))
@@ -265,15 +265,15 @@ def test_context_limit(engines, tmp_path):
 
 
 def test_images_are_decoded_one_batch_at_a_time(engines, monkeypatch):
-    import runtime.pipeline as pipeline_module
+    import runtime.pipelines as pipeline_module
     from runtime.backends import load_runners
 
     manifest = Manifest.load(engines)
     manifest.max_batch = 2
     pipeline = pipeline_module.make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
     events = []
-    real_load, real_batch = pipeline_module.load_image, pipeline.answer_batch
-    monkeypatch.setattr(pipeline_module, "load_image", lambda path, limit=None: events.append("load") or real_load(path, limit))
+    real_load, real_batch = pipeline_module.base.load_image, pipeline.answer_batch
+    monkeypatch.setattr(pipeline_module.base, "load_image", lambda path, limit=None: events.append("load") or real_load(path, limit))
     monkeypatch.setattr(pipeline, "answer_batch", lambda *a, **k: events.append("batch") or real_batch(*a, **k))
     pipeline.answer([str(SAMPLE)] * 5, ["what?"] * 5, max_new_tokens=1)
     assert events == ["load", "load", "batch", "load", "load", "batch", "load", "batch"]

@@ -243,7 +243,7 @@ def test_chat_template_and_custom_prompts_tokenise_as_hf(tmp_path, sample_files)
     from transformers import AutoProcessor
 
     from runtime.manifest import Manifest
-    from runtime.mllama import MllamaPrompt
+    from runtime.pipelines.mllama import MllamaPrompt
     from runtime.text import TextCodec
 
     model = make_tiny_mllama(tmp_path / "chat-mllama", TinyMllamaSpec(chat_template=True, seed=2))
@@ -269,7 +269,7 @@ def test_chat_template_and_custom_prompts_tokenise_as_hf(tmp_path, sample_files)
 
 
 def test_prompt_text_rules():
-    from runtime.mllama import insert_bos
+    from runtime.pipelines.mllama import insert_bos
 
     assert insert_bos("<|image|>Question: q", "<B>", "<|image|>") == "<|image|><B>Question: q"
     assert insert_bos("<|image|><|image|>x", "<B>", "<|image|>") == "<|image|><|image|><B>x"
@@ -347,8 +347,8 @@ def test_mllama_runtime_never_imports_torch(tiny_mllama, sample_files, tmp_path)
     code = f"""
 import sys, io, contextlib
 sys.path.insert(0, {str(REPO)!r})
-import runtime.mllama, runtime.parity_mllama, runtime.infer
-runtime.mllama.render_chat_template("{{{{ bos_token }}}}{{% for m in messages %}}{{{{ m['role'] }}}}{{% endfor %}}", "q", "<B>")
+import runtime.pipelines.mllama, runtime.parity_mllama, runtime.infer
+runtime.pipelines.mllama.render_chat_template("{{{{ bos_token }}}}{{% for m in messages %}}{{{{ m['role'] }}}}{{% endfor %}}", "q", "<B>")
 with contextlib.redirect_stdout(io.StringIO()):
     assert runtime.infer.main(["--engines", {str(out)!r}, "--image", {str(sample_files[0])!r}, "--question", "what?", "--json"]) == 0
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "export")))

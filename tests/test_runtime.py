@@ -61,7 +61,7 @@ def test_runtime_never_imports_torch(engines, tmp_path):
     code = f"""
 import sys, io, contextlib
 sys.path.insert(0, {str(REPO)!r})
-import runtime, runtime.backends, runtime.errors, runtime.manifest, runtime.pipeline, runtime.preprocess, runtime.text
+import runtime, runtime.backends, runtime.errors, runtime.manifest, runtime.pipelines, runtime.preprocess, runtime.text
 import runtime.infer, runtime.parity
 with contextlib.redirect_stdout(io.StringIO()):
     assert runtime.infer.main(["--engines", {str(engines)!r}, "--image", {str(image)!r}, "--question", "what?", "--json"]) == 0
@@ -96,7 +96,7 @@ def test_infer_cli_json(engines, tmp_path):
 
 def test_infer_prompt_template_override(engines, tmp_path, hf_processor):
     from runtime.backends import load_runners
-    from runtime.pipeline import make_pipeline
+    from runtime.pipelines import make_pipeline
 
     manifest = Manifest.load(engines)
     runners = load_runners(manifest, "ort-cpu")

@@ -20,7 +20,8 @@ from PIL import Image
 from runtime.backends import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.pipeline import Answer, BatchedPipeline, _Clock, finish_reasons, greedy_decode, presents_as_past
+from runtime.pipelines.base import Answer, BatchedPipeline, Clock, finish_reasons, left_pad, register
+from runtime.pipelines.decoding import greedy_decode, presents_as_past
 from runtime.preprocess import preprocess
 from runtime.text import TextCodec, format_prompt
 
@@ -120,18 +121,16 @@ def cross_attention_mask(ids: list[list[int]], width: int, image_token_id: int, 
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
+@register
 class MllamaPipeline(BatchedPipeline):
     """LLaMA-3.2-Vision with Trimmed-Llama cross-attention: graphs ``vision``, ``prefill``, ``decode``."""
 
     family = "mllama"
 
     def __init__(self, manifest: Manifest, runners: dict[str, Runner], prompt_template: str | None = None):
-        self.manifest = manifest
-        self.runners = runners
-        self.text = TextCodec(manifest.path(manifest.text["tokenizer"]), manifest.text)
+        super().__init__(manifest, runners, prompt_template)
         self.prompt = MllamaPrompt(self.text, manifest.text, prompt_template)
         self.prompt_template = self.prompt.description
-        self.float_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
         self.lm = manifest.language_model
         self.pruning = manifest.pruning
 
@@ -149,12 +148,8 @@ class MllamaPipeline(BatchedPipeline):
         return self.runners["vision"].run(feeds)["cross_attention_states"]
 
     def prefill_feeds(self, ids: list[list[int]], states: np.ndarray, num_tiles: np.ndarray) -> dict[str, np.ndarray]:
-        width = max(len(row) for row in ids)
-        input_ids = np.full((len(ids), width), self.text.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, row_ids in enumerate(ids):
-            input_ids[row, width - len(row_ids) :] = row_ids
-            attention_mask[row, width - len(row_ids) :] = 1
+        input_ids, attention_mask = left_pad(ids, self.text.pad_token_id)  # (B, T)
+        width = input_ids.shape[1]
         position_ids = np.where(attention_mask > 0, np.cumsum(attention_mask, axis=1) - 1, 1)  # as HF generate
         return {
             "input_ids": input_ids,
@@ -193,7 +188,7 @@ class MllamaPipeline(BatchedPipeline):
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
                      pixel_values: dict[str, np.ndarray] | None) -> list[Answer]:
-        clock = _Clock()
+        clock = Clock()
         pixels = pixel_values if pixel_values is not None else self.preprocess(images)
         ids = self.encode_questions(questions)
         clock.lap("preprocess")

@@ -1,0 +1,152 @@
+"""What every family's pipeline shares: the batching front door (``BatchedPipeline.answer``), the answer record,
+the registry that ``make_pipeline`` reads (``runtime/pipelines/__init__.py``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.backends import Runner
+from runtime.errors import UsageError
+from runtime.manifest import Manifest
+from runtime.preprocess import load_image
+from runtime.text import TextCodec, check_text
+
+
+@dataclass
+class Answer:
+    answer: str
+    token_ids: list[int]
+    kept_indices: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "eos"  # eos | max_new_tokens | context_limit (the model's last position was reached)
+
+
+def slice_pixels(pixel_values, start: int, stop: int):
+    """Rows ``start:stop`` of preprocessed inputs: one array (BLIP-2) or a dict of arrays (Mllama)."""
+    if pixel_values is None:
+        return None
+    if isinstance(pixel_values, dict):
+        return {name: value[start:stop] for name, value in pixel_values.items()}
+    return pixel_values[start:stop]
+
+
+def finish_reasons(generated: list[list[int]], row_limits: np.ndarray, max_new_tokens: int) -> list[str]:
+    """Why each row stopped: ``context_limit`` (its position budget ran out before ``max_new_tokens``),
+    ``max_new_tokens``, or ``eos``."""
+    reasons = []
+    for ids, limit in zip(generated, row_limits):
+        if len(ids) >= limit and limit < max_new_tokens:
+            reasons.append("context_limit")
+        elif len(ids) >= max_new_tokens:
+            reasons.append("max_new_tokens")
+        else:
+            reasons.append("eos")
+    return reasons
+
+
+class BatchedPipeline:
+    """What every family's pipeline shares: ``answer()`` checks its arguments — the context limit included, for
+    every question before anything runs — and splits the work into batches of at most the manifest's
+    ``max_batch`` (images given as paths are decoded one batch at a time); the family implements
+    ``answer_batch()`` and ``first_generated_positions()``."""
+
+    family: str  # the manifest's model family this pipeline runs
+    max_image_pixels: int | None = None  # decoding paths: refuse larger images (Pillow's bomb check)
+
+    def __init__(self, manifest: Manifest, runners: dict[str, Runner], prompt_template: str | None = None):
+        self.manifest = manifest
+        self.runners = runners
+        self.text = TextCodec(manifest.path(manifest.text["tokenizer"]), manifest.text)
+        self.float_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
+
+    @property
+    def position_limit(self) -> int:
+        """Positions the language model has (its ``max_position_embeddings``)."""
+        return int(self.manifest.language_model["max_position_embeddings"])
+
+    def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
+        """(B,) the position the first generated token takes, per prompt."""
+        raise NotImplementedError
+
+    def row_limits(self, text_ids: list[list[int]]) -> np.ndarray:
+        """(B,) how many tokens each prompt leaves room for before the position limit."""
+        return self.position_limit - self.first_generated_positions(text_ids)
+
+    def check_context(self, questions: list[str]) -> None:
+        """Refuse (one line) any question whose prompt alone fills the model's positions; prompts that fit are
+        answered, and generation stops at the limit (``finish_reason`` ``context_limit``)."""
+        for index, question in enumerate(questions):
+            check_text(question, f"question {index + 1}")
+        rooms = self.row_limits(self.encode_questions(questions))  # (B,)
+        for index in np.flatnonzero(rooms < 1)[:1]:
+            used = self.position_limit - int(rooms[index])
+            raise UsageError(
+                f"question {index + 1} is too long for this model: its prompt (+ visual tokens) takes {used} "
+                f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
+
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None) -> list[Answer]:
+        """Answer (image, question) pairs. ``images``: PIL images or paths (decoded per batch); ``pixel_values``:
+        already preprocessed inputs (skips preprocessing)."""
+        if len(questions) == 0:
+            return []
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.check_context(questions)
+        max_batch = self.manifest.max_batch
+        answers: list[Answer] = []
+        for start in range(0, len(questions), max_batch):
+            stop = start + max_batch
+            batch_images = [self.open_image(image) for image in images[start:stop]] if images else []
+            answers += self.answer_batch(batch_images, questions[start:stop], max_new_tokens,
+                                         slice_pixels(pixel_values, start, stop))
+        return answers
+
+    def open_image(self, image) -> Image.Image:
+        return image if isinstance(image, Image.Image) else load_image(image, self.max_image_pixels)
+
+    def encode_questions(self, questions: list[str]) -> list[list[int]]:
+        """Prompt token ids per question (the family's template)."""
+        raise NotImplementedError
+
+    def answer_batch(self, images, questions, max_new_tokens, pixel_values) -> list[Answer]:
+        raise NotImplementedError
+
+
+def left_pad(ids: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of unequal length → left-padded (B, T) int64 ids and their (B, T) int64 attention mask."""
+    width = max(len(row) for row in ids)
+    padded = np.full((len(ids), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, row_ids in enumerate(ids):
+        padded[row, width - len(row_ids):] = row_ids
+        mask[row, width - len(row_ids):] = 1
+    return padded, mask
+
+
+class Clock:
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = (now - self.last) * 1e3
+        self.last = now
+
+    def summary(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.laps.items()}, "total": round((self.last - self.start) * 1e3, 3)}
+
+
+PIPELINES: dict[str, type["BatchedPipeline"]] = {}
+
+
+def register(pipeline: type["BatchedPipeline"]) -> type["BatchedPipeline"]:
+    """Class decorator: make a family's pipeline available to ``make_pipeline`` under its ``family`` name."""
+    PIPELINES[pipeline.family] = pipeline
+    return pipeline
