@@ -168,7 +168,8 @@ class _RecordingRunner:
 
     def run(self, feeds):
         outputs = self.runner.run(feeds)
-        self.calls.append((feeds, outputs))
+        # copies: the KV cache's buffers are the live ones, written in place after this call
+        self.calls.append(({name: value.copy() for name, value in feeds.items()}, outputs))
         return outputs
 
 

@@ -4,8 +4,8 @@ Graphs:
     visual   pixel_values (B, 3, H, W) → query_embeds (B, k, E), kept_indices (B, k) int64, scores (B, Q) float32
     embed    input_ids (B, T) → inputs_embeds (B, T, E)
     prefill  inputs_embeds (B, S, E), attention_mask (B, S), position_ids (B, S) → logits (B, V), present.* (B, H, S, Dh)
-    decode   input_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), past.* (B, H, P, Dh)
-             → logits (B, V), present.* (B, H, P+1, Dh)
+    decode   input_ids (B, 1), attention_mask (B, C), position_ids (B, 1), past.* (B, H, C, Dh): the preallocated
+             cache and its filled slots → logits (B, V), new.* (B, H, 1, Dh) (written into the cache's next slot)
 """
 from __future__ import annotations
 
@@ -195,6 +195,7 @@ class Blip2OptAdapter(ModelAdapter):
         batch, text, past = 2, 3, 5  # trace with non-degenerate sizes so nothing specialises to 1
         present = opt.cache_names(num_layers, "present")
         past_names = opt.cache_names(num_layers, "past")
+        new_names = opt.cache_names(num_layers, "new")
         embed_dim = lm.get_input_embeddings().embedding_dim
 
         visual = GraphExport(
@@ -237,19 +238,19 @@ class Blip2OptAdapter(ModelAdapter):
             module=opt.DecodeStep(lm),
             args=(
                 torch.randint(0, lm_config.vocab_size, (batch, 1)),
-                torch.ones(batch, past + 1, dtype=torch.long),
+                torch.ones(batch, past, dtype=torch.long),
                 torch.full((batch, 1), past),
                 *[torch.randn(batch, heads, past, head_dim, dtype=float_dtype) for _ in past_names],
             ),
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present],
+            output_names=["logits", *new_names],
             dynamic_axes={
                 "input_ids": {0: "batch"},
-                "attention_mask": {0: "batch", 1: "total_len"},
+                "attention_mask": {0: "batch", 1: "past_len"},
                 "position_ids": {0: "batch"},
                 "logits": {0: "batch"},
                 **{name: {0: "batch", 2: "past_len"} for name in past_names},
-                **{name: {0: "batch", 2: "total_len"} for name in present},
+                **{name: {0: "batch"} for name in new_names},
             },
         )
         return [visual, embed, prefill, decode]

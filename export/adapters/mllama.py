@@ -8,8 +8,8 @@ Graphs (static ``k``, dynamic batch; one image per prompt):
              → logits (B,V), present.{i}.key|value (self layers), cross.{i}.key|value (cross layers: k tokens, the
                first one N unless --trim-first-layer), cross_mask_full (B,N), cross_mask_kept (B,k),
                text_row_mask (B,1), kept_indices (B,k), scores (B,N)
-    decode   input_ids (B,1), attention_mask (B,P+1), position_ids (B,1), the masks, past.* and cross.*
-             → logits (B,V), present.*
+    decode   input_ids (B,1), attention_mask (B,C), position_ids (B,1), the masks, past.* (the preallocated
+             self-attention cache, C slots) and cross.* → logits (B,V), new.* (B,KV,1,Dh) for the cache's next slot
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class MllamaAdapter(ModelAdapter):
         first_cross = decode_module.cross_layers[0]
         example = {
             "input_ids": torch.randint(0, image_token, (batch, 1)),
-            "attention_mask": torch.ones(batch, past + 1, dtype=torch.long),
+            "attention_mask": torch.ones(batch, past, dtype=torch.long),
             "position_ids": torch.full((batch, 1), past),
             "cross_mask_full": torch.zeros(batch, num_tokens),
             "cross_mask_kept": torch.zeros(batch, k),
@@ -179,11 +179,10 @@ class MllamaAdapter(ModelAdapter):
             input_names=decode_module.input_names,
             output_names=decode_module.output_names,
             dynamic_axes={
-                "attention_mask": {0: "batch", 1: "total_len"},
+                "attention_mask": {0: "batch", 1: "past_len"},
                 **{name: {0: "batch"} for name in decode_module.input_names if name != "attention_mask"},
                 **{name: {0: "batch", 2: "past_len"} for name in mllama.cache_names(decode_module.self_layers, "past")},
-                "logits": {0: "batch"},
-                **{name: {0: "batch", 2: "total_len"} for name in mllama.cache_names(decode_module.self_layers, "present")},
+                **{name: {0: "batch"} for name in decode_module.output_names},
             },
         )
         return [vision, prefill, decode]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from export import pruning
+from export.models.kv_cache import attend_cached, cache_bias
 from export.models.masks import additive_mask
 from export.models.precision import wide_dtype, widen
 
@@ -71,8 +72,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     return context.transpose(1, 2).reshape(batch, new, heads * head_dim), probs
 
 
-def self_attention_layer(layer, hidden, rope, mask, past_key, past_value):
-    """One self-attention decoder layer. hidden (B, S, D) → (B, S, D), present key/value (B, KV, P+S, Dh)."""
+def self_attention_layer(layer, hidden, rope, mask, cache=None):
+    """One self-attention decoder layer. hidden (B, S, D) → (B, S, D) and this call's key/value (B, KV, S, Dh).
+
+    Prefill (``cache`` None): mask (B, 1, S, S). Decode step (S = 1): ``cache`` the preallocated (key, value) each
+    (B, KV, C, Dh), mask its (B, 1, 1, C) bias (``export/models/kv_cache.py``).
+    """
     attn = layer.self_attn
     batch, new, _ = hidden.shape
     heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
@@ -85,10 +90,13 @@ def self_attention_layer(layer, hidden, rope, mask, past_key, past_value):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     query = query * cos + rotate_half(query) * sin
     key = key * cos + rotate_half(key) * sin
-    if past_key is not None:
-        key = torch.cat([past_key, key], dim=2)  # (B, KV, P+S, Dh)
-        value = torch.cat([past_value, value], dim=2)
-    context, _ = attend(query, key, value, mask, attn.scaling)
+    if cache is None:
+        context, _ = attend(query, key, value, mask, attn.scaling)  # (B, S, H·Dh)
+    else:
+        groups = heads // kv_heads
+        context = attend_cached(query, repeat_kv(key, groups), repeat_kv(value, groups), repeat_kv(cache[0], groups),
+                                repeat_kv(cache[1], groups), mask, attn.scaling)  # (B, H, 1, Dh)
+        context = context.transpose(1, 2).reshape(batch, new, heads * head_dim)  # (B, 1, H·Dh)
     hidden = residual + attn.o_proj(context)
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, key, value
@@ -211,7 +219,7 @@ class TrimmedPrefill(_Text):
         kept_indices = scores = kept_mask = None
         for index, layer in enumerate(text.layers):
             if index in self.self_layers:
-                hidden, key, value = self_attention_layer(layer, hidden, rope, self_mask, None, None)
+                hidden, key, value = self_attention_layer(layer, hidden, rope, self_mask)
                 outputs[f"present.{index}.key"], outputs[f"present.{index}.value"] = key, value
                 continue
             if kept_indices is None:  # the first cross-attention layer: score, select, then attend
@@ -249,9 +257,10 @@ class TrimmedPrefill(_Text):
 class DecodeStep(_Text):
     """One greedy step over the self-attention cache and the (trimmed) cross-attention keys/values.
 
-    inputs: input_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), ``past.{i}.key|value`` (B, KV, P, Dh),
-    ``cross.{i}.key|value``, cross_mask_full (B, N), cross_mask_kept (B, k), text_row_mask (B, 1).
-    outputs: logits (B, V), ``present.{i}.key|value`` (B, KV, P+1, Dh).
+    inputs: input_ids (B, 1), attention_mask (B, C) (the cache's filled slots), position_ids (B, 1),
+    ``past.{i}.key|value`` (B, KV, C, Dh) (the preallocated cache), ``cross.{i}.key|value``, cross_mask_full (B, N),
+    cross_mask_kept (B, k), text_row_mask (B, 1).
+    outputs: logits (B, V), ``new.{i}.key|value`` (B, KV, 1, Dh), which the runtime writes into the cache's next slot.
     """
 
     def __init__(self, model: nn.Module, trim_first_layer: bool):
@@ -260,7 +269,7 @@ class DecodeStep(_Text):
         masks = ["cross_mask_kept", "text_row_mask"] if trim_first_layer else ["cross_mask_full", "cross_mask_kept", "text_row_mask"]
         self.input_names = ["input_ids", "attention_mask", "position_ids", *masks,
                             *cache_names(self.self_layers, "past"), *cache_names(self.cross_layers, "cross")]
-        self.output_names = ["logits", *cache_names(self.self_layers, "present")]
+        self.output_names = ["logits", *cache_names(self.self_layers, "new")]
 
     def forward(self, *inputs):
         named = dict(zip(self.input_names, inputs))
@@ -269,13 +278,14 @@ class DecodeStep(_Text):
         text = self.text
         hidden = text.embed_tokens(input_ids)  # (B, 1, D)
         rope = self.rope(hidden, position_ids)
-        self_mask = additive_mask(attention_mask, 1)  # (B, 1, 1, P+1)
+        self_mask = cache_bias(attention_mask)  # (B, 1, 1, C)
         row_mask = text_row_mask[:, None, :, None]  # (B, 1, 1, 1)
         outputs = {}
         for index, layer in enumerate(text.layers):
             if index in self.self_layers:
-                hidden, key, value = self_attention_layer(layer, hidden, rope, self_mask, named[f"past.{index}.key"], named[f"past.{index}.value"])
-                outputs[f"present.{index}.key"], outputs[f"present.{index}.value"] = key, value
+                cache = named[f"past.{index}.key"], named[f"past.{index}.value"]
+                hidden, key, value = self_attention_layer(layer, hidden, rope, self_mask, cache)
+                outputs[f"new.{index}.key"], outputs[f"new.{index}.value"] = key, value
                 continue
             full = index == self.cross_layers[0] and not self.trim_first_layer
             mask = (cross_mask_full if full else cross_mask_kept)[:, None, None, :]  # (B, 1, 1, L)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.models.kv_cache import attend_cached, cache_bias
 from export.models.masks import additive_mask
 from export.models.precision import widen
 
@@ -31,22 +32,25 @@ def attention(
     layer: nn.Module,
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    past_key: torch.Tensor | None,
-    past_value: torch.Tensor | None,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One OPT self-attention block. hidden (B, S, D) → (B, S, D), present key/value (B, H, P+S, Dh)."""
+    """One OPT self-attention block. hidden (B, S, D) → (B, S, D) and this call's key/value (B, H, S, Dh).
+
+    Prefill (``cache`` None): mask (B, 1, S, S) causal + padding. Decode step (S = 1): ``cache`` is the
+    preallocated (key, value), each (B, H, C, Dh), and mask its (B, 1, 1, C) bias (``export/models/kv_cache.py``).
+    """
     attn = layer.self_attn
     batch, new, _ = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     query = (attn.q_proj(hidden) * attn.scaling).view(batch, new, heads, head_dim).transpose(1, 2)  # (B, H, S, Dh)
     key = attn.k_proj(hidden).view(batch, new, heads, head_dim).transpose(1, 2)  # (B, H, S, Dh)
     value = attn.v_proj(hidden).view(batch, new, heads, head_dim).transpose(1, 2)  # (B, H, S, Dh)
-    if past_key is not None:
-        key = torch.cat([past_key, key], dim=2)  # (B, H, P+S, Dh)
-        value = torch.cat([past_value, value], dim=2)
-    scores = widen(torch.matmul(query, key.transpose(-1, -2))) + mask  # (B, H, S, P+S) float32
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    context = torch.matmul(probs, value)  # (B, H, S, Dh)
+    if cache is None:
+        scores = widen(torch.matmul(query, key.transpose(-1, -2))) + mask  # (B, H, S, S) float32
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        context = torch.matmul(probs, value)  # (B, H, S, Dh)
+    else:
+        context = attend_cached(query, key, value, cache[0], cache[1], mask)  # (B, H, 1, Dh)
     context = context.transpose(1, 2).reshape(batch, new, heads * head_dim)  # (B, S, D)
     return attn.out_proj(context), key, value
 
@@ -55,14 +59,13 @@ def decoder_layer(
     layer: nn.Module,
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    past_key: torch.Tensor | None,
-    past_value: torch.Tensor | None,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One OPT decoder layer (pre- or post-LayerNorm, as the config says)."""
     residual = hidden
     if layer.do_layer_norm_before:
         hidden = _layer_norm(hidden, layer.self_attn_layer_norm)
-    hidden, key, value = attention(layer, hidden, mask, past_key, past_value)
+    hidden, key, value = attention(layer, hidden, mask, cache)
     hidden = residual + hidden
     if not layer.do_layer_norm_before:
         hidden = _layer_norm(hidden, layer.self_attn_layer_norm)
@@ -82,17 +85,18 @@ def forward(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
-    past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Run ``S`` new tokens through an ``OPTForCausalLM``.
+    """Run new tokens through an ``OPTForCausalLM``.
 
-    inputs_embeds (B, S, E); attention_mask (B, P+S); position_ids (B, S) (−1 for padding, as HF);
-    past: per layer (key, value) each (B, H, P, Dh), or None for a prefill.
-    Returns the last position's logits (B, V) float32 and the present cache, per layer (B, H, P+S, Dh).
+    Prefill (``cache`` None): inputs_embeds (B, S, E), attention_mask (B, S), position_ids (B, S) (−1 for
+    padding, as HF). Decode step: inputs_embeds (B, 1, E), position_ids (B, 1), cache per layer (key, value)
+    each (B, H, C, Dh) and attention_mask (B, C) marking its filled slots.
+    Returns the last position's logits (B, V) float32 and, per layer, this call's key/value (B, H, S, Dh).
     """
     decoder = lm.model.decoder
     new = inputs_embeds.shape[1]
-    mask = additive_mask(attention_mask, new)  # (B, 1, S, P+S)
+    mask = additive_mask(attention_mask, new) if cache is None else cache_bias(attention_mask)  # (B, 1, S, S|C)
     positions = F.embedding(position_ids + POSITION_OFFSET, decoder.embed_positions.weight)  # (B, S, D)
     hidden = inputs_embeds
     if decoder.project_in is not None:
@@ -101,8 +105,7 @@ def forward(
 
     present = []
     for index, layer in enumerate(decoder.layers):
-        past_key, past_value = past[index] if past is not None else (None, None)
-        hidden, key, value = decoder_layer(layer, hidden, mask, past_key, past_value)
+        hidden, key, value = decoder_layer(layer, hidden, mask, cache[index] if cache is not None else None)
         present.append((key, value))
 
     last = hidden[:, -1:, :]  # (B, 1, D) with left padding the last position is real for every row
@@ -146,20 +149,21 @@ class Prefill(nn.Module):
 
 
 class DecodeStep(nn.Module):
-    """input_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), past k/v ×L (B, H, P, Dh)
-    → logits (B, V), present k/v ×L (B, H, P+1, Dh)."""
+    """One greedy step over the preallocated cache: input_ids (B, 1), attention_mask (B, C) (the cache's filled
+    slots), position_ids (B, 1), past k/v ×L (B, H, C, Dh) → logits (B, V), the new token's k/v ×L (B, H, 1, Dh),
+    which the runtime writes into the cache's next slot."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        cache = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         inputs_embeds = embed_tokens(self.lm, input_ids)  # (B, 1, E)
-        logits, present = forward(self.lm, inputs_embeds, attention_mask, position_ids, past)
-        return (logits, *[t for pair in present for t in pair])
+        logits, new = forward(self.lm, inputs_embeds, attention_mask, position_ids, cache)
+        return (logits, *[t for pair in new for t in pair])
 
 
 def cache_names(num_layers: int, prefix: str) -> list[str]:
-    """``past.0.key, past.0.value, past.1.key, …`` (or ``present.…``)."""
+    """``past.0.key, past.0.value, past.1.key, …`` (or ``present.…``, ``new.…``)."""
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]

@@ -4,7 +4,7 @@ by family name (``@register``, as ``export/adapters`` does); the manifest's ``fa
 """
 from __future__ import annotations
 
-from runtime.backends import Runner
+from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
 from runtime.pipelines import blip2, mllama  # noqa: F401  (each registers its pipeline)

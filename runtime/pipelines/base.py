@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.backends import Runner
+from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
+from runtime.pipelines.decoding import DecodeStep, KVCache, TokenCallback, greedy_decode
 from runtime.preprocess import load_image
 from runtime.text import TextCodec, check_text
 
@@ -58,6 +59,8 @@ class BatchedPipeline:
 
     family: str  # the manifest's model family this pipeline runs
     max_image_pixels: int | None = None  # decoding paths: refuse larger images (Pillow's bomb check)
+    io_binding: bool = False  # decode through the runner's bound buffers (ORT IO binding) where it offers them
+    on_token: TokenCallback | None = None  # called after every generated token: streaming, per-token timing
 
     def __init__(self, manifest: Manifest, runners: dict[str, Runner], prompt_template: str | None = None):
         self.manifest = manifest
@@ -113,6 +116,16 @@ class BatchedPipeline:
     def encode_questions(self, questions: list[str]) -> list[list[int]]:
         """Prompt token ids per question (the family's template)."""
         raise NotImplementedError
+
+    def decode(self, prefill_out: dict[str, np.ndarray], cache: KVCache, next_position: np.ndarray,
+               max_new_tokens: int, row_limits: np.ndarray | None = None) -> list[list[int]]:
+        """Greedy decoding after the prefill. The decode graph's inputs that the prefill produced by the same name
+        (Mllama's cross-attention keys/values and masks) stay fixed for the request."""
+        runner = self.runners["decode"]
+        constant = {name: prefill_out[name] for name in runner.input_names if name in prefill_out}
+        step = DecodeStep(runner, cache, constant, bind=self.io_binding)
+        return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
+                             self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
 
     def answer_batch(self, images, questions, max_new_tokens, pixel_values) -> list[Answer]:
         raise NotImplementedError

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from runtime.backends import Runner
+from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import POSITION_POLICIES, Manifest
 from runtime.pipelines.base import Answer, BatchedPipeline, Clock, finish_reasons, left_pad, register
-from runtime.pipelines.decoding import greedy_decode, presents_as_past
+from runtime.pipelines.decoding import prefill
 from runtime.preprocess import preprocess
 from runtime.text import format_prompt
 
@@ -90,29 +90,13 @@ class Blip2Pipeline(BatchedPipeline):
         )
         return PrefillBatch(inputs_embeds, attention_mask, position_ids, position_ids.max(axis=1) + 1)
 
-    def prefill(self, batch: PrefillBatch) -> dict[str, np.ndarray]:
-        return self.runners["prefill"].run(
-            {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
-        )
+    def prefill_feeds(self, batch: PrefillBatch) -> dict[str, np.ndarray]:
+        return {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
     def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
         """``original``: text at ``Q + t``; ``compact``: at ``k + t``."""
         start = self.manifest.num_visual_tokens if self.positions == "original" else self.manifest.k
         return np.array([start + len(ids) for ids in text_ids], dtype=np.int64)
-
-    def decode(self, prefill_out: dict[str, np.ndarray], batch: PrefillBatch, max_new_tokens: int,
-               row_limits: np.ndarray | None = None) -> list[list[int]]:
-        return greedy_decode(
-            self.runners["decode"].run,
-            prefill_out["logits"],
-            presents_as_past(prefill_out),
-            batch.attention_mask,
-            batch.next_position,
-            self.text.eos_token_ids,
-            self.text.pad_token_id,
-            max_new_tokens,
-            row_limits,
-        )
 
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
@@ -125,10 +109,10 @@ class Blip2Pipeline(BatchedPipeline):
         visual = self.visual(pixel_values)
         clock.lap("visual")
         batch = self.build_prefill(visual["query_embeds"], visual["kept_indices"], text_ids)
-        prefill_out = self.prefill(batch)
+        prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), max_new_tokens)
         clock.lap("prefill")
         limits = self.row_limits(text_ids)
-        generated = self.decode(prefill_out, batch, max_new_tokens, limits)
+        generated = self.decode(prefill_out, cache, batch.next_position, max_new_tokens, limits)
         clock.lap("decode")
         timings = clock.summary()
         reasons = finish_reasons(generated, limits, max_new_tokens)

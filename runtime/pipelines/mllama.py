@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.backends import Runner
+from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
 from runtime.pipelines.base import Answer, BatchedPipeline, Clock, finish_reasons, left_pad, register
-from runtime.pipelines.decoding import greedy_decode, presents_as_past
+from runtime.pipelines.decoding import prefill
 from runtime.preprocess import preprocess
 from runtime.text import TextCodec, format_prompt
 
@@ -164,19 +164,6 @@ class MllamaPipeline(BatchedPipeline):
         """Text positions count from 0 (the visual tokens are cross-attended, they take no positions)."""
         return np.array([len(ids) for ids in text_ids], dtype=np.int64)
 
-    def decode(self, prefill_out: dict[str, np.ndarray], feeds: dict[str, np.ndarray], max_new_tokens: int,
-               row_limits: np.ndarray | None = None) -> list[list[int]]:
-        decode_runner = self.runners["decode"]
-        constant = {name: prefill_out[name] for name in decode_runner.input_names
-                    if name.startswith("cross") or name == "text_row_mask"}  # cross.*, cross_mask_*: fixed per request
-
-        def step(step_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return decode_runner.run({**step_feeds, **constant})
-
-        next_position = feeds["position_ids"].max(axis=1) + 1
-        return greedy_decode(step, prefill_out["logits"], presents_as_past(prefill_out), feeds["attention_mask"],
-                             next_position, self.text.eos_token_ids, self.text.pad_token_id, max_new_tokens, row_limits)
-
     def cross_kv_bytes(self, prefill_out: dict[str, np.ndarray]) -> dict[str, Any]:
         """Per sample: bytes of the cross-attention keys/values untrimmed (N tokens in every cross layer) and as
         kept (the first layer N unless trimmed, the others k)."""
@@ -195,10 +182,11 @@ class MllamaPipeline(BatchedPipeline):
         states = self.vision(pixels)
         clock.lap("visual")
         feeds = self.prefill_feeds(ids, states, pixels["aspect_ratio_mask"][:, 0].sum(axis=-1))
-        prefill_out = self.runners["prefill"].run(feeds)
+        prefill_out, cache = prefill(self.runners["prefill"], feeds, max_new_tokens)
         clock.lap("prefill")
         limits = self.row_limits(ids)
-        generated = self.decode(prefill_out, feeds, max_new_tokens, limits)
+        next_position = feeds["position_ids"].max(axis=1) + 1
+        generated = self.decode(prefill_out, cache, next_position, max_new_tokens, limits)
         clock.lap("decode")
         timings = clock.summary()
         kv_bytes = self.cross_kv_bytes(prefill_out)
