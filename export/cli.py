@@ -51,7 +51,8 @@ def load(name: str):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            raise UnsupportedError(f"'{PROG} {name}' cannot run in this install: no module named {err.name!r}") from None
+            missing = f"no module named {err.name!r}"
+            raise UnsupportedError(f"'{PROG} {name}' cannot run in this install: {missing}") from None
     return module.main
 
 

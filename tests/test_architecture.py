@@ -135,13 +135,14 @@ OPTIONAL_IN_RUNTIME = {
 def test_core_dependencies_are_what_runtime_imports():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     core = {distribution_name(spec) for spec in project["dependencies"]}
-    imported = {DISTRIBUTIONS.get(name, name).lower() for name in third_party_imports("runtime") - set(OPTIONAL_IN_RUNTIME)}
+    required = third_party_imports("runtime") - set(OPTIONAL_IN_RUNTIME)
+    imported = {DISTRIBUTIONS.get(name, name).lower() for name in required}
     assert core == imported, f"core deps {sorted(core)} but runtime/ imports {sorted(imported)}"
 
 
 def test_optional_runtime_imports_belong_to_an_extra():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     in_extras = {distribution_name(spec) for specs in extras.values() for spec in specs}
-    orphans = {name: sorted(OPTIONAL_IN_RUNTIME[name]) for name in third_party_imports("runtime") & set(OPTIONAL_IN_RUNTIME)
-               if not OPTIONAL_IN_RUNTIME[name] & in_extras}
+    optional = third_party_imports("runtime") & set(OPTIONAL_IN_RUNTIME)
+    orphans = {name: sorted(OPTIONAL_IN_RUNTIME[name]) for name in optional if not OPTIONAL_IN_RUNTIME[name] & in_extras}
     assert not orphans, f"runtime/ imports these optionally, but no extra installs them: {orphans}"
