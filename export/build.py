@@ -10,16 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # run as a script: make the repo importable, and never shadow top-level modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(REPO))
-
-from runtime.errors import cli_errors  # noqa: E402
-
-ENGINES = REPO / "engines"
-DEFAULT_MODEL = REPO / "models" / "blip2-easyvqa"
-DEFAULT_MODEL_NOTE = "models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA that ships with the repository"
+from export.defaults import DEFAULT_MODEL_NOTE, ENGINES, resolve_model
+from runtime.errors import cli_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,14 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--external-data-threshold", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def default_model() -> Path:
-    from runtime.errors import CheckpointError
-
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing: pass --model, or train it with scripts/train_easyvqa.py")
-    return DEFAULT_MODEL
 
 
 def build_or_explain(options, quiet: bool) -> Path:
@@ -99,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
         )
         validate(options)  # bad flags fail before anything is loaded or written
-        if options.model is None:
-            options.model = default_model()
+        options.model = resolve_model(options.model)
         out = build_or_explain(options, args.quiet)
         print(out)
         if args.check:

@@ -18,11 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable, and never shadow top-level modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from runtime.errors import UsageError, cli_errors, emit  # noqa: E402
+from runtime.errors import UsageError, cli_errors, emit
 
 MAX_JSONL_BYTES = 256 << 20
 

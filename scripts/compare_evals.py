@@ -15,9 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.errors import UsageError, cli_errors  # noqa: E402
+from runtime.errors import UsageError, cli_errors
 
 
 def load_run(folder: Path) -> tuple[dict, dict[str, dict[int, dict]]]:

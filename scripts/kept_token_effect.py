@@ -14,9 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.errors import UsageError, cli_errors  # noqa: E402
+from runtime.errors import UsageError, cli_errors
 
 
 def split_by_token(predictions: Path, token: int, positions: str | None, configs: dict[str, dict]) -> dict:

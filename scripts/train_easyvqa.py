@@ -19,12 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from export.defaults import DEFAULT_MODEL
 
 PROMPT = "Question: {} Answer:"
 IMAGE_SIZE = 64  # easy-VQA images are 64 × 64
@@ -33,7 +30,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="train_easyvqa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "models" / "blip2-easyvqa")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--epochs", type=float, default=7.0)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     parser.add_argument("--max-minutes", type=float, default=14.0, help="stop training after this long, whatever the epochs")

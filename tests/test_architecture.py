@@ -1,6 +1,7 @@
 """The shape of the code base, checked: the import graph of ``export/`` and ``runtime/`` (every import, lazy ones
 inside functions too) has no cycle; ``runtime/`` reaches into ``export/`` in exactly one place; no source file
-passes 450 lines; ``assert`` appears only in tests; the core dependencies are exactly what ``runtime/`` imports."""
+passes 450 lines; ``assert`` appears only in tests; the core dependencies are exactly what ``runtime/`` imports,
+and what it imports optionally some extra installs."""
 from __future__ import annotations
 
 import ast
@@ -112,14 +113,36 @@ def third_party_imports(folder: str) -> set[str]:
     return {name for name in names if name not in sys.stdlib_module_names and name not in PACKAGES}
 
 
-# import name → distribution name, where they differ; the backends are extras (cpu, gpu, trt), not core
+def distribution_name(spec: str) -> str:
+    return spec.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+
+
+# import name → distribution name, where they differ
 DISTRIBUTIONS = {"PIL": "pillow"}
-OPTIONAL_IN_RUNTIME = {"onnxruntime", "tensorrt", "tensorrt_rtx", "cuda", "cupy", "polygraphy"}
+# what runtime/ may import lazily without it being core → the distributions that provide it; one of them must be in
+# some extra: the backends (cpu, gpu, trt) and parity's PyTorch reference (export)
+OPTIONAL_IN_RUNTIME = {
+    "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
+    "tensorrt": {"tensorrt"},
+    "tensorrt_rtx": {"tensorrt-rtx"},
+    "cuda": {"cuda-python"},
+    "cupy": {"cupy", "cupy-cuda12x", "cupy-cuda11x"},
+    "polygraphy": {"polygraphy"},
+    "torch": {"torch"},
+}
 
 
 def test_core_dependencies_are_what_runtime_imports():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    core = {spec.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
-            for spec in project["dependencies"]}
-    imported = {DISTRIBUTIONS.get(name, name).lower() for name in third_party_imports("runtime") - OPTIONAL_IN_RUNTIME}
+    core = {distribution_name(spec) for spec in project["dependencies"]}
+    required = third_party_imports("runtime") - set(OPTIONAL_IN_RUNTIME)
+    imported = {DISTRIBUTIONS.get(name, name).lower() for name in required}
     assert core == imported, f"core deps {sorted(core)} but runtime/ imports {sorted(imported)}"
+
+
+def test_optional_runtime_imports_belong_to_an_extra():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    in_extras = {distribution_name(spec) for specs in extras.values() for spec in specs}
+    optional = third_party_imports("runtime") & set(OPTIONAL_IN_RUNTIME)
+    orphans = {name: sorted(OPTIONAL_IN_RUNTIME[name]) for name in optional if not OPTIONAL_IN_RUNTIME[name] & in_extras}
+    assert not orphans, f"runtime/ imports these optionally, but no extra installs them: {orphans}"

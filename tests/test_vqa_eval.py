@@ -2,7 +2,7 @@
 loaders, and small evaluations through ``scripts/eval_vqa.py`` (easy-VQA with ORT and torch, a VQAv2-format set)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import itertools
 import json
 import os
@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import REPO
 from runtime.errors import UsageError
-from runtime.vqa import (Sample, exact_match, load_dataset, load_vqav2, normalize_answer, process_digit_article,
-                         process_punctuation, subset, vqa_accuracy)
+from export.vqa_data import load_dataset, load_vqav2, subset
+from runtime.vqa import Sample, exact_match, normalize_answer, process_digit_article, process_punctuation, vqa_accuracy
 
 # ------------------------------------------------------------------------------------------------ normalisation
 
@@ -360,12 +360,7 @@ def test_bad_configuration_fails_before_any_evaluation(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def eval_vqa():
-    spec = importlib.util.spec_from_file_location("eval_vqa_script", REPO / "scripts" / "eval_vqa.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return importlib.import_module("export.evaluate")  # what scripts/eval_vqa.py runs
 
 
 def test_grid(eval_vqa):

@@ -1,0 +1,29 @@
+"""The repository's default locations, in one place: the shipped model, the engines folder, evaluation outputs.
+
+``export/build.py`` and the evaluation (``export/evaluate.py``) default to the same model and resolve it the same
+way (:func:`resolve_model`); the runtime needs none of this (its one input is an engines folder), so it lives in
+``export/``. Paths are relative to the repository: the package is installed editable (``pip install -e``), so
+``REPO`` is the checkout the model, ``engines/`` and ``scripts/results/`` sit in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINES = REPO / "engines"
+DEFAULT_MODEL = REPO / "models" / "blip2-easyvqa"
+DEFAULT_MODEL_NOTE = "models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA that ships with the repository"
+EVAL_ENGINES_CACHE = ENGINES / "_eval"  # engines built by the evaluation, one folder per configuration
+EVAL_RESULTS = REPO / "scripts" / "results"  # the evaluation's default --out is a folder under here
+
+
+def resolve_model(model: Path | None) -> Path:
+    """``--model`` when given, else the shipped default model (which must be there)."""
+    if model is not None:
+        return model
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing: pass --model DIR (a local BLIP-2 OPT "
+                              "checkpoint), or train it with scripts/train_easyvqa.py")
+    return DEFAULT_MODEL
