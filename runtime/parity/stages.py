@@ -11,8 +11,8 @@ get, the registry of those stages, and :func:`run_parity`, which ties them toget
       → the report (``runtime/parity/report.py``), and with ``save_reference`` the reference's graph calls in
         Polygraphy's formats (``runtime/parity/run_results.py``).
 
-Both pipelines run over :class:`RecordingRunner`\\ s, which keep every call's feeds and outputs: the stages replay
-the reference's own inputs through each exported graph. Runners are used only through ``run(feeds)``,
+Both pipelines run over recording runners (:class:`RecordingRunner`), which keep every call's feeds and outputs:
+the stages replay the reference's own inputs through each exported graph. Runners are used only through ``run(feeds)``,
 ``input_names`` and ``output_names``, so nothing here depends on a family's graph IO names.
 """
 from __future__ import annotations
@@ -269,6 +269,19 @@ def stderr_say(quiet: bool) -> Callable[[str], None]:
     return (lambda *_: None) if quiet else (lambda msg: print(f"parity: {msg}", file=sys.stderr, flush=True))
 
 
+def save_recorded_reference(context: ParityContext, path: Path) -> dict[str, str]:
+    """Every graph call the reference pipeline made, with the float64 reference's outputs of the same feeds under
+    the float64 calibration, written in Polygraphy's formats (``runtime/parity/run_results.py``)."""
+    from runtime.parity import run_results
+
+    calls = context.reference_calls
+    context.say(f"saving the reference's {len(calls)} graph calls")
+    float64 = context.float64_outputs({index: (call.graph, call.feeds) for index, call in enumerate(calls)})
+    saved_float64 = None if context.calibration.mode != "float64" else [float64[index] for index in range(len(calls))]
+    outputs, inputs = run_results.save_reference(path, calls, saved_float64)
+    return {"outputs": str(outputs), "inputs": str(inputs)}
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -330,12 +343,7 @@ def run_parity(
         "passed": all(stage["passed"] for stage in stages.values()),
     }
     if save_reference is not None:
-        calls = context.reference_calls
-        say(f"saving the reference's {len(calls)} graph calls")
-        float64 = context.float64_outputs({index: (call.graph, call.feeds) for index, call in enumerate(calls)})
-        saved = run_results.save_reference(save_reference, calls, None if chosen.mode != "float64" else
-                                           [float64[index] for index in range(len(calls))])
-        report["saved_reference"] = {"outputs": str(saved[0]), "inputs": str(saved[1])}
+        report["saved_reference"] = save_recorded_reference(context, save_reference)
     write_report(out_path, report)
     if not quiet:
         show_summary(stages, report["passed"], out_path)
