@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 from runtime.errors import VtpruneError
 
@@ -27,15 +28,24 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary sibling and a rename: never a half-written file; the file gets
-    the permissions the user's umask gives a new file."""
+@contextmanager
+def writing_atomically(path: Path) -> Iterator[TextIO]:
+    """A text stream whose contents replace ``path`` through a temporary sibling and a rename once the block ends:
+    never a half-written file (an exception leaves ``path`` as it was); the file gets the permissions the user's
+    umask gives a new file. For large files written piece by piece."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+            yield stream
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary sibling and a rename: never a half-written file; the file gets
+    the permissions the user's umask gives a new file."""
+    with writing_atomically(path) as stream:
+        stream.write(text)

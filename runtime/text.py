@@ -1,7 +1,7 @@
 """Prompt formatting and tokenisation with ``tokenizers`` alone (no transformers).
 
 At build time the exporter probes the HF tokenizer and records in the manifest which special ids it adds around
-a text, so the runtime reproduces HF's ids exactly (tests and ``parity.py`` check that).
+a text, so the runtime reproduces HF's ids exactly (tests and parity check that).
 """
 from __future__ import annotations
 

@@ -265,7 +265,7 @@ def test_negative_control_perturbed_initializer_fails_parity(engines, tmp_path, 
     copy = tmp_path / "perturbed"
     shutil.copytree(engines, copy)
     perturb_initializer(copy, graph)
-    result = run_cli("runtime/parity.py", "--engines", copy)
+    result = run_cli("runtime/parity", "--engines", copy)
     assert result.returncode == 1, result.stderr
     report = json.loads((copy / "parity.json").read_text())
     assert report["passed"] is False
@@ -280,7 +280,7 @@ def test_negative_control_unhashed_change_also_fails(engines, tmp_path):
     values = onnx.numpy_helper.to_array(target) * 1.5
     target.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), target.name))
     onnx.save(model, str(copy / "decode.onnx"))
-    result = run_cli("runtime/parity.py", "--engines", copy)
+    result = run_cli("runtime/parity", "--engines", copy)
     assert result.returncode == 1
     report = json.loads((copy / "parity.json").read_text())
     assert report["stages"]["integrity"]["passed"] is False and report["stages"]["decode"]["passed"] is False

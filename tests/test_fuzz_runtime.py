@@ -1,5 +1,5 @@
 """Generated bad input for the runtime's CLIs and loader — ``infer.py`` (JSONL files, arguments, images), mutated
-manifests (``Manifest.from_data`` and through ``infer.py``), ``parity.py`` — and ``infer.py``'s standard output
+manifests (``Manifest.from_data`` and through ``infer.py``), ``python -m runtime.parity`` — and ``infer.py``'s standard output
 failing (full, closed early): one error line, the documented exit code, never a traceback, nothing written on a
 refused run. The harness is ``tests/fuzzing.py``; ``build.py``'s half is ``test_fuzz_build.py``.
 """
@@ -257,13 +257,13 @@ def test_manifest_mutations_via_infer(engines, tmp_path_factory, n):
     run_manifest_infer(engines, tmp_path_factory.mktemp("fuzz-manifest-infer"), n)
 
 
-# ------------------------------------------------------------------------------------------------ d. parity.py
+# ------------------------------------------------------------------------------------------------ d. parity
 
 
 def run_parity_bad_manifest(engines: Path, root: Path, n: int) -> None:
     from runtime.errors import ManifestError
     from runtime.manifest import Manifest
-    from runtime.parity import main
+    from runtime.parity.__main__ import main
 
     base = json.loads((engines / "manifest.json").read_text())
 
@@ -300,7 +300,7 @@ def test_parity_bad_manifest(engines, tmp_path_factory, n):
 @pytest.mark.parametrize("case", ["not-engines", "missing", "file", "calibration", "out-folder", "model-missing",
                                   "model-not-checkpoint", "source-moved", "image-unpaired", "image-bad", "max-new-x"])
 def test_parity_bad_input(engines, tiny_blip2, tmp_path, case):
-    from runtime.parity import main
+    from runtime.parity.__main__ import main
 
     eng, extra, contains = engines, [], None
     if case == "not-engines":

@@ -326,12 +326,12 @@ def test_parity_reference_moved_or_without_weights(tiny_blip2, tmp_path):
     out = tmp_path / "engines"
     run_cli("export/build.py", "--model", model, "--out", out, "--quiet", check=True)
     (model / "model.safetensors").unlink()
-    assert_one_error_line(run_cli("runtime/parity.py", "--engines", out), "model.safetensors missing")
+    assert_one_error_line(run_cli("runtime/parity", "--engines", out), "model.safetensors missing")
     shutil.rmtree(model)
-    result = run_cli("runtime/parity.py", "--engines", out)
+    result = run_cli("runtime/parity", "--engines", out)
     assert_one_error_line(result, "no checkpoint there")
     assert "--model" in result.stderr
-    run_cli("runtime/parity.py", "--engines", out, "--model", tiny_blip2, "--quiet", check=True)
+    run_cli("runtime/parity", "--engines", out, "--model", tiny_blip2, "--quiet", check=True)
 
 
 # ------------------------------------------------------------------------------------------------ Mllama prompts

@@ -198,7 +198,7 @@ def test_acceptance_unseen_checkpoint(unseen_mllama, sample_files, tmp_path, rat
         assert set(record["timings_ms"]) >= {"preprocess", "visual", "prefill", "decode", "total"}
 
     report_path = tmp_path / "parity.json"
-    result = run_cli("runtime/parity.py", "--engines", str(out), *args, "--max-new-tokens", "6", "--out", str(report_path))
+    result = run_cli("runtime/parity", "--engines", str(out), *args, "--max-new-tokens", "6", "--out", str(report_path))
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     stages = report["stages"]
@@ -215,7 +215,7 @@ def test_trim_first_layer_and_other_methods(tiny_mllama, sample_files, tmp_path)
         out = tmp_path / method
         run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", "--method", method, *extra, "--out", str(out),
                 "--quiet", check=True)
-        result = run_cli("runtime/parity.py", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0],
+        result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0],
                          "--max-new-tokens", "4", "--quiet")
         assert result.returncode == 0, (method, result.stderr)
         record = json.loads(run_cli("runtime/infer.py", "--engines", str(out), "--image", str(sample_files[1]), "--question",
@@ -230,7 +230,7 @@ def test_negative_control_perturbed_initializer_fails_parity(tiny_mllama, sample
     out = tmp_path / "engines"
     run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", "--out", str(out), "--quiet", check=True)
     perturb_initializer(out, "prefill")
-    result = run_cli("runtime/parity.py", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0])
+    result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0])
     assert result.returncode == 1
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is False and report["stages"]["prefill"]["passed"] is False
@@ -250,7 +250,7 @@ def test_chat_template_and_custom_prompts_tokenise_as_hf(tmp_path, sample_files)
     out = tmp_path / "engines"
     run_cli("export/build.py", "--model", str(model), "--ratio", "0.5", "--out", str(out), "--quiet", check=True)
     report_path = tmp_path / "parity.json"
-    result = run_cli("runtime/parity.py", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0],
+    result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[0]), "--question", QUESTIONS[0],
                      "--max-new-tokens", "3", "--out", str(report_path))
     assert result.returncode == 0, result.stderr
     tokenize = json.loads(report_path.read_text())["stages"]["tokenize"]
@@ -347,7 +347,7 @@ def test_mllama_runtime_never_imports_torch(tiny_mllama, sample_files, tmp_path)
     code = f"""
 import sys, io, contextlib
 sys.path.insert(0, {str(REPO)!r})
-import runtime.pipelines.mllama, runtime.parity_mllama, runtime.infer
+import runtime.pipelines.mllama, runtime.parity.mllama, runtime.infer
 runtime.pipelines.mllama.render_chat_template("{{{{ bos_token }}}}{{% for m in messages %}}{{{{ m['role'] }}}}{{% endfor %}}", "q", "<B>")
 with contextlib.redirect_stdout(io.StringIO()):
     assert runtime.infer.main(["--engines", {str(out)!r}, "--image", {str(sample_files[0])!r}, "--question", "what?", "--json"]) == 0
@@ -363,7 +363,7 @@ def test_fp16_build_passes_parity(tiny_mllama, sample_files, tmp_path):
     run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", "--precision", "fp16", "--out", str(out), "--quiet", check=True)
     graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
-    result = run_cli("runtime/parity.py", "--engines", str(out), "--image", str(sample_files[1]), "--question", QUESTIONS[1])
+    result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[1]), "--question", QUESTIONS[1])
     assert result.returncode == 0, result.stderr
 
 

@@ -110,7 +110,7 @@ def test_scaled_weights_pass(scaled_engines, tmp_path, ratios):
     for ratio in ratios:
         engines = scaled_engines(ratio)
         out = tmp_path / f"parity-{ratio}.json"
-        result = run_cli("runtime/parity.py", "--engines", engines, "--out", out, "--quiet")
+        result = run_cli("runtime/parity", "--engines", engines, "--out", out, "--quiet")
         report = json.loads(out.read_text())
         assert result.returncode == 0, json.dumps({k: v for k, v in report["stages"].items() if not v["passed"]})[:3000]
         assert report["calibration"]["mode"] == "float64"
@@ -140,7 +140,7 @@ def test_perturbed_initializer_fails_far_above_the_noise(scaled_engines, tmp_pat
     copy = tmp_path / "perturbed"
     shutil.copytree(scaled_engines(0.5), copy)
     perturb(copy, graph)
-    result = run_cli("runtime/parity.py", "--engines", copy)
+    result = run_cli("runtime/parity", "--engines", copy)
     assert result.returncode == 1
     report = json.loads((copy / "parity.json").read_text())
     assert not report["stages"][graph]["passed"]
@@ -161,7 +161,7 @@ def test_fp16_perturbed_initializer_fails(engines_factory, tmp_path):
 
 
 def test_relative_fallback_is_reported(engines, tmp_path, monkeypatch):
-    import runtime.parity as parity
+    import runtime.parity.stages as parity
 
     monkeypatch.setattr(parity, "available_memory", lambda: 1 << 20)  # 1 MiB: no float64 copy fits
     report = run_parity(engines, images=default_images(1), questions=["what color?"], quiet=True, out_json=tmp_path / "p.json")

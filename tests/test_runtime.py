@@ -146,7 +146,7 @@ def test_ort_cuda_matches_cpu(engines):
 
 def test_parity_cli_writes_every_stage(engines, tmp_path):
     out = tmp_path / "parity.json"
-    result = run_cli("runtime/parity.py", "--engines", engines, "--out", out)
+    result = run_cli("runtime/parity", "--engines", engines, "--out", out)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["passed"] is True
@@ -179,7 +179,7 @@ def test_rank_bound_comparisons():
     bounds allow the ONNX-only token to outscore the reference-only one."""
     import numpy as np
 
-    from runtime.parity import compare_kept_sets_with_bounds, compare_scores_to_bounds
+    from runtime.parity.compare import compare_kept_sets_with_bounds, compare_scores_to_bounds
 
     lower = np.array([[10.0, 20.0, 19.0, 5.0]])
     upper = np.array([[12.0, 22.0, 21.0, 6.0]])
