@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from export import pruning
-from export.adapters import register
+from export.adapters.registry import register
 from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
 from export.models import opt
 from export.pruning import PruningConfig, Signals

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from export import pruning
-from export.adapters import register
+from export.adapters.registry import register
 from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
 from export.models import mllama
 from export.pruning import PruningConfig
