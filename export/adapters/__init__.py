@@ -5,7 +5,7 @@ adapter module, so that ``from export import adapters; adapters.detect(path)`` s
 """
 from __future__ import annotations
 
-from export.adapters import blip2, mllama  # noqa: F401  (each registers itself on import)
+from export.adapters import blip2, mllama  # each registers itself on import
 from export.adapters.registry import ADAPTERS, by_architecture, detect, get, load, read_config, register
 
-__all__ = ["ADAPTERS", "by_architecture", "detect", "get", "load", "read_config", "register"]
+__all__ = ["blip2", "mllama", "ADAPTERS", "by_architecture", "detect", "get", "load", "read_config", "register"]
