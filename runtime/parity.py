@@ -220,7 +220,7 @@ def run_parity(
         "tolerances": tol,
         "calibration": chosen.describe(),
         "samples": len(questions),
-        "pruning": manifest.pruning,
+        "pruning": manifest.pruning.to_dict(),
         "stages": stages,
         "passed": all(stage["passed"] for stage in stages.values()),
     }
@@ -442,7 +442,7 @@ def hf_anchor(adapter, manifest, images, questions, ref_tokens, ref_visual, max_
     """The reference's greedy tokens vs Hugging Face's own ``generate`` where HF can express the configuration."""
     import torch
 
-    ratio, positions = manifest.pruning["ratio"], manifest.pruning["positions"]
+    ratio, positions = manifest.pruning.ratio, manifest.pruning.positions
     model, processor = adapter.model, adapter.processor
     prompts = [pipeline.prompt_template.replace("{}", q, 1) for q in questions]
     hf_tokens = []

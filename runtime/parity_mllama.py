@@ -61,7 +61,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
     for row, (ids, enc) in enumerate(zip(runtime_ids, encoded)):
         hf_ids = enc["input_ids"][0].tolist()
         mask = cross_attention_mask([ids], len(ids), onnx.prompt.image_token_id,
-                                    pixels["aspect_ratio_mask"][row : row + 1, 0].sum(-1), int(manifest.pruning["max_num_tiles"]))
+                                    pixels["aspect_ratio_mask"][row : row + 1, 0].sum(-1), int(manifest.pruning.max_num_tiles))
         rows.append({"ids_equal": hf_ids == ids, "cross_attention_mask_equal": bool(np.array_equal(mask, enc["cross_attention_mask"])),
                      "hf_ids": hf_ids, "runtime_ids": ids})
     result["tokenize"] = {"passed": all(r["ids_equal"] and r["cross_attention_mask_equal"] for r in rows),
@@ -140,7 +140,7 @@ def hf_anchor(adapter, manifest, encoded: list[dict], ref_tokens: list[list[int]
     """Ratio 0 (every token kept, the first layer untrimmed): the reference's tokens equal HF's own generate."""
     import torch
 
-    if manifest.pruning["ratio"] != 0:
+    if manifest.pruning.ratio != 0:
         return {"passed": True, "applicable": False,
                 "why": "HF has no trimmed cross-attention; the reference (HF's layers with the trimming in export/) is the check"}
     tokens = []

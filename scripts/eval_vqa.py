@@ -229,7 +229,7 @@ class Pipelines:
         wanted = {"method": config.method, "ratio": config.ratio, "layer_weights_preset": config.layer_weights,
                   "image_importance": config.image_importance, "seed": config.seed, "positions": config.positions}
         return (manifest.model.get("weights_sha256") == self.weights and manifest.precision == "fp32"
-                and all(manifest.pruning.get(key) == value for key, value in wanted.items()))
+                and all(getattr(manifest.pruning, key) == value for key, value in wanted.items()))
 
     def ensure_built(self, config: Config) -> tuple[Path, float | None]:
         """The engines folder of ``config``, built unless cached; returns (folder, build seconds or None)."""
@@ -475,14 +475,14 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
         accuracy, records = evaluate(pipeline, dataset, images, args.batch_size, args.max_new_tokens, config.name)
         elapsed = time.perf_counter() - started
         pruning = pipeline.manifest.pruning
-        k, num = int(pruning["k"]), int(pruning["num_visual_tokens"])
+        k, num = pruning.k, pruning.num_visual_tokens
         catp = config.method == "catp" and not config.unpruned
         built = build_seconds.get(config.name)
         results.append({
             "config": config.name, "series": config.series, "method": "unpruned" if config.unpruned else config.method,
             "ratio": config.ratio, "k": k, "num_visual_tokens": num, "kept_fraction": k / num,
             "layer_weights": config.layer_weights if catp else None,
-            "layer_weights_resolved": pruning["layer_weights"] if catp else None,
+            "layer_weights_resolved": pruning.layer_weights if catp else None,
             "positions": None if config.unpruned else config.positions, "image_importance": config.image_importance,
             "seed": config.seed if config.method == "random" else None,
             "accuracy": accuracy, "questions": len(records), "accuracy_by_type": accuracy_by_type(records),
