@@ -78,7 +78,7 @@ def weights_sha256(path: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in files}
 
 
-def image_size(image_processor) -> tuple[int, int]:
+def processor_image_size(image_processor) -> tuple[int, int]:
     """(height, width) the HF image processor resizes to (its ``size``, a dict or a ``SizeDict``)."""
     size = image_processor.size
     height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from export import pruning
-from export.adapters.base import GraphExport, ModelAdapter, image_size, pixel_settings, text_model_settings, token_settings
+from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
 from export.adapters.registry import register
 from export.models import opt
 from export.models.cache import cache_names
@@ -237,7 +237,7 @@ class Blip2OptAdapter(ModelAdapter):
         image_processor = self.processor.image_processor
         return {
             "kind": "blip",
-            "size": list(image_size(image_processor)),
+            "size": list(processor_image_size(image_processor)),
             "do_resize": bool(image_processor.do_resize),
             **pixel_settings(image_processor),
         }

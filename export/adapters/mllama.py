@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from export import pruning
-from export.adapters.base import GraphExport, ModelAdapter, image_size, pixel_settings, text_model_settings, token_settings
+from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
 from export.adapters.registry import register
 from export.models import mllama
 from export.models.cache import cache_names
@@ -175,7 +175,7 @@ class MllamaAdapter(ModelAdapter):
     # ------------------------------------------------------------------ runtime settings
     def preprocess_settings(self) -> dict[str, Any]:
         image_processor = self.processor.image_processor
-        height, width = image_size(image_processor)
+        height, width = processor_image_size(image_processor)
         if height != width:
             raise CheckpointError(f"{self.path}: Mllama tiles must be square, got {height}×{width}")
         return {
