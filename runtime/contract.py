@@ -79,7 +79,7 @@ class ResolvedPruning(BaseModel):
         return self
 
     @classmethod
-    def resolved(cls, **fields: Any) -> "ResolvedPruning":
+    def checked(cls, **fields: Any) -> "ResolvedPruning":
         """Construction by an adapter: settings outside the contract are one ``UsageError`` line (the request's
         flags are checked before, so this names a bug rather than a flag)."""
         try:

@@ -190,7 +190,7 @@ class ModelAdapter(ABC):
         positions and the family's own settings. Checks the request first (``check_options``)."""
         self.check_options(config, positions)
         num_tokens = self.num_visual_tokens
-        return ResolvedPruning.resolved(
+        return ResolvedPruning.checked(
             method=config.method,
             ratio=config.ratio,
             k=keep_count(num_tokens, config.ratio),
