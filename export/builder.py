@@ -17,9 +17,9 @@ from pathlib import Path
 from export import adapters, outdir, pruning
 from export.pruning import PruningConfig
 from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
+from runtime.contract import POSITION_POLICIES, ResolvedPruning
 from runtime.errors import UnsupportedError, UsageError
 from runtime.manifest import Manifest
-from runtime.manifest import POSITION_POLICIES
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "trt")
@@ -99,7 +99,7 @@ class Progress:
             print(f"[{self.step}/{self.total}] {message}  (+{elapsed:.1f}s)", file=sys.stderr, flush=True)
 
 
-def describe(adapter, resolved: dict, options: BuildOptions, folder: Path, graph_specs: dict) -> Manifest:
+def describe(adapter, resolved: ResolvedPruning, options: BuildOptions, folder: Path, graph_specs: dict) -> Manifest:
     """The manifest for ``adapter`` + ``resolved`` pruning; writes the tokenizer into ``folder``."""
     text = adapter.text_settings(options.prompt_template)
     text["tokenizer"] = adapter.save_tokenizer(folder)
@@ -164,7 +164,7 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress(f"done: {out} (k={resolved['k']} of {resolved['num_visual_tokens']})")
+    progress(f"done: {out} (k={resolved.k} of {resolved.num_visual_tokens})")
     return out
 
 

@@ -123,7 +123,7 @@ class Pipelines:
         wanted = {"method": config.method, "ratio": config.ratio, "layer_weights_preset": config.layer_weights,
                   "image_importance": config.image_importance, "seed": config.seed, "positions": config.positions}
         return (manifest.model.get("weights_sha256") == self.weights and manifest.precision == "fp32"
-                and all(manifest.pruning.get(key) == value for key, value in wanted.items()))
+                and all(getattr(manifest.pruning, key) == value for key, value in wanted.items()))
 
     def ensure_built(self, config: Config) -> tuple[Path, float | None]:
         """The engines folder of ``config``, built unless cached; returns (folder, build seconds or None)."""

@@ -174,14 +174,14 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
         accuracy, records = answer_and_score(pipeline, dataset, images, args.batch_size, args.max_new_tokens, config.name)
         elapsed = time.perf_counter() - started
         pruning = pipeline.manifest.pruning
-        k, num = int(pruning["k"]), int(pruning["num_visual_tokens"])
+        k, num = int(pruning.k), int(pruning.num_visual_tokens)
         catp = config.method == "catp" and not config.unpruned
         built = build_seconds.get(config.name)
         results.append({
             "config": config.name, "series": config.series, "method": "unpruned" if config.unpruned else config.method,
             "ratio": config.ratio, "k": k, "num_visual_tokens": num, "kept_fraction": k / num,
             "layer_weights": config.layer_weights if catp else None,
-            "layer_weights_resolved": pruning["layer_weights"] if catp else None,
+            "layer_weights_resolved": pruning.layer_weights if catp else None,
             "positions": None if config.unpruned else config.positions, "image_importance": config.image_importance,
             "seed": config.seed if config.method == "random" else None,
             "accuracy": accuracy, "questions": len(records), "accuracy_by_type": accuracy_by_type(records),

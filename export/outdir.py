@@ -26,7 +26,7 @@ from pathlib import Path
 
 from runtime.errors import UsageError
 from runtime.files import current_umask
-from runtime.manifest import MANIFEST_NAME, SCHEMA_NAME
+from runtime.contract import MANIFEST_NAME, SCHEMA_NAME
 
 # Files this project's tools write into an engines folder beside those its manifest lists.
 TOOL_FILES = frozenset({MANIFEST_NAME, "parity.json"})

@@ -1,7 +1,9 @@
-"""The pruning math, in one module: scoring visual tokens and selecting a static number of them.
+"""The pruning math: the user's request, and scoring visual tokens (selecting them: ``export/selection.py``).
 
 Everything here is a small pure torch function that traces to plain ONNX ops (no data-dependent shapes), so the
-same code is the PyTorch reference and the exported graph. Methods are described in ``shared/papers.md``.
+same code is the PyTorch reference and the exported graph. Methods are described in ``shared/papers.md``. A request
+(:class:`PruningConfig`) is resolved against a model by its adapter into ``runtime.contract.ResolvedPruning``, which
+the graphs are built from; the scoring functions read either (``method``, ``image_importance``, ``seed``).
 
 Conventions
 -----------
@@ -16,12 +18,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 
+from export.selection import gather_tokens, rank_bounds, select_top_k, stable_ranks, top_ranks
+from runtime.contract import ResolvedPruning
 from runtime.errors import UsageError
+
+__all__ = [
+    "LAYER_WEIGHT_PRESETS", "keep_count", "parse_layer_weights", "parse_weight_list", "PruningConfig", "Settings",
+    "Signals", "image_token_weights", "catp_scores", "catp_score_bounds", "l2_scores", "self_attention_scores",
+    "random_scores", "first_k_scores", "head_text_attention", "trim_sum_scores", "trim_union_scores",
+    "trim_union_score_bounds", "uniform_scores", "TrimScoreFn", "trim_score_fn", "TRIM_METHODS", "TRIM_SCORE_BOUNDS",
+    "method_function", "ScoreFn", "METHODS", "SCORE_BOUNDS", "score_bounds", "ALL_METHODS", "check_method",
+    "score_tokens",
+    # the selection's names, from export/selection.py
+    "stable_ranks", "rank_bounds", "top_ranks", "select_top_k", "gather_tokens",
+]
 
 # --------------------------------------------------------------------------------------------------- config
 
@@ -85,6 +100,11 @@ class PruningConfig:
     trim_first_layer: bool = False  # Trimmed Llama: also trim the first cross-attention layer's own keys/values
 
 
+# What the scoring methods read besides the signals (``method``, ``image_importance``, ``seed``): a request, or the
+# settings resolved from it.
+Settings = Union[PruningConfig, ResolvedPruning]
+
+
 # --------------------------------------------------------------------------------------------------- signals
 
 
@@ -105,47 +125,6 @@ class Signals:
 
 
 # --------------------------------------------------------------------------------------------------- scoring
-
-
-def stable_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rank of every element along ``dim``: 0 for the lowest … n-1 for the highest, as float32.
-
-    Counting instead of sorting makes it exact and backend-independent: an element's rank is the number of
-    elements below it, plus the number of equal elements at a lower index (a stable order, so ranks are a
-    permutation even on ties). Cost is O(n²) along ``dim`` — meant for the Q = 32 queries of a Q-Former.
-    """
-    last = values.dim() - 1
-    dim = dim % values.dim()
-    values = values.float().transpose(dim, last)  # (..., n): positive axes, so the ONNX Transpose perm is valid
-    n = values.shape[-1]
-    lhs = values.unsqueeze(-1)  # (..., n, 1): the element being ranked
-    rhs = values.unsqueeze(-2)  # (..., 1, n): every element it is compared with
-    index = torch.arange(n, device=values.device)
-    lower_index = (index.view(n, 1) > index.view(1, n))  # (n, n): rhs index is lower than lhs index
-    below = (rhs < lhs) | ((rhs == lhs) & lower_index)  # (..., n, n)
-    ranks = below.to(torch.float32).sum(-1)  # (..., n)
-    return ranks.transpose(dim, last)
-
-
-def rank_bounds(values: torch.Tensor, dim: int, tie_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranks an element can take when values within ``tie_rtol`` of each other (relatively) may order either way.
-
-    lower = #elements below it and not tied with it; upper = #other elements below it or tied with it, where
-    ``a`` and ``b`` tie when ``|a - b| <= tie_rtol * max(|a|, |b|)``. ``stable_ranks`` always lies in [lower, upper].
-    Relative, because softmax probabilities carry relative errors (an absolute error δ on a logit scales the
-    probability by e^δ), and most of a trained model's attention probabilities are tiny. Used by parity, not
-    exported: ranks are discontinuous in the values, so a float-level difference in attention probabilities can
-    move a CATP vote by a whole rank.
-    """
-    last = values.dim() - 1
-    dim = dim % values.dim()
-    values = values.double().transpose(dim, last)  # (..., n)
-    lhs = values.unsqueeze(-1)  # (..., n, 1): the element being ranked
-    rhs = values.unsqueeze(-2)  # (..., 1, n): every element it is compared with
-    tied = (rhs - lhs).abs() <= tie_rtol * torch.maximum(rhs.abs(), lhs.abs())  # (..., n, n), self included
-    lower = ((rhs < lhs) & ~tied).sum(-1).double()  # (..., n)
-    upper = ((rhs < lhs) | tied).sum(-1).double() - 1.0  # (..., n): minus the element itself
-    return lower.transpose(dim, last), upper.transpose(dim, last)
 
 
 def image_token_weights(vision_attention: torch.Tensor) -> torch.Tensor:
@@ -181,7 +160,8 @@ def catp_scores(
             ranks = ranks * token_weights[:, None, None, :]  # votes weighted by image-token importance
         votes = ranks.sum(dim=(1, 3)) * float(weight)  # (B, Q)
         score = votes if score is None else score + votes
-    assert score is not None, "at least one layer weight must be non-zero"
+    if score is None:
+        raise UsageError("CATP needs at least one non-zero layer weight")
     return score
 
 
@@ -203,7 +183,8 @@ def catp_score_bounds(
         low, high = low.sum(dim=(1, 3)) * weight, high.sum(dim=(1, 3)) * weight  # (B, Q)
         lower = low if lower is None else lower + low
         upper = high if upper is None else upper + high
-    assert lower is not None and upper is not None, "at least one layer weight must be non-zero"
+    if lower is None or upper is None:
+        raise UsageError("CATP needs at least one non-zero layer weight")
     return lower, upper
 
 
@@ -218,7 +199,8 @@ def self_attention_scores(self_attentions: Sequence[torch.Tensor]) -> torch.Tens
     for probs in self_attentions:  # (B, heads, Q, Q)
         received = probs.float().sum(dim=(1, 2))  # (B, Q)
         total = received if total is None else total + received
-    assert total is not None, "no self-attention layers"
+    if total is None:
+        raise UsageError("self-attn scoring needs at least one self-attention layer")
     return total
 
 
@@ -239,8 +221,6 @@ def first_k_scores(batch_like: torch.Tensor) -> torch.Tensor:
 # Inputs: probs (B, heads, T, N) — the first cross-attention layer's text→image attention in the prefill;
 # row_weights (B, T) — 1 for text rows that see an image (and are not padding), 0 for the others.
 
-RANK_CHUNK = 512  # compared tokens per block when counting ranks: bounds the (B, heads, N, chunk) temporaries
-
 
 def head_text_attention(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     """Attention each visual token receives per head, summed over voting text rows: (B, H, T, N) → (B, H, N)."""
@@ -250,23 +230,6 @@ def head_text_attention(probs: torch.Tensor, row_weights: torch.Tensor) -> torch
 def trim_sum_scores(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     """``trim-sum``: Σ_h Σ_t A[b, h, t, n] over voting rows → (B, N)."""
     return head_text_attention(probs, row_weights).sum(dim=1)  # (B, N)
-
-
-def top_ranks(values: torch.Tensor, chunk: int = RANK_CHUNK) -> torch.Tensor:
-    """Rank of every element along the last axis from the top: 0 = highest; on equal values the lower index ranks
-    first. Counted (no sort, no TopK: exact, TensorRT-buildable at any N), in blocks of ``chunk`` compared
-    elements. (..., N) → (..., N) float32. Cost O(N²) comparisons per row."""
-    num_tokens = int(values.shape[-1])
-    index = torch.arange(num_tokens, device=values.device)  # (N,)
-    lhs = values.unsqueeze(-1)  # (..., N, 1): the element being ranked
-    ranks = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
-    for start in range(0, num_tokens, chunk):
-        stop = min(start + chunk, num_tokens)
-        rhs = values[..., start:stop].unsqueeze(-2)  # (..., 1, C)
-        lower_index = index[start:stop].view(1, -1) < index.view(-1, 1)  # (N, C): compared index is lower
-        ahead = (rhs > lhs) | ((rhs == lhs) & lower_index)  # (..., N, C)
-        ranks = ranks + ahead.to(torch.float32).sum(-1)
-    return ranks
 
 
 def trim_union_scores(probs: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
@@ -301,28 +264,38 @@ def uniform_scores(batch_like: torch.Tensor, k: int) -> torch.Tensor:
     return constant.unsqueeze(0).expand(batch, num_tokens)  # (B, N)
 
 
-def trim_score_fn(method: str, k: int, seed: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+# A Trimmed-Llama scoring method: (probs, row_weights, cross_attention_states (B, N, D)) -> scores (B, N)
+TrimScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_Function = TypeVar("_Function")
+
+
+def method_function(registry: dict[str, _Function], method: str, family: str) -> _Function:
+    """``registry[method]``, or one ``UsageError`` line naming the family's methods."""
+    if method not in registry:
+        raise UsageError(f"--method {method!r} does not apply to {family}; choose one of {', '.join(registry)}")
+    return registry[method]
+
+
+def trim_score_fn(method: str, k: int, seed: int) -> TrimScoreFn:
     """The Trimmed-Llama scoring function for ``method``: (probs, row_weights, cross_attention_states) → (B, N)."""
-    functions = {
+    functions: dict[str, TrimScoreFn] = {
         "trim-sum": lambda probs, rows, states: trim_sum_scores(probs, rows),
         "trim-union": lambda probs, rows, states: trim_union_scores(probs, rows),
         "l2": lambda probs, rows, states: l2_scores(states),
         "random": lambda probs, rows, states: random_scores(states, seed),
         "uniform": lambda probs, rows, states: uniform_scores(states, k),
     }
-    if method not in functions:
-        raise UsageError(f"--method {method!r} does not apply to LLaMA-3.2-Vision; choose one of {', '.join(functions)}")
-    return functions[method]
+    return method_function(functions, method, "LLaMA-3.2-Vision")
 
 
 TRIM_METHODS = ("trim-sum", "trim-union", "l2", "random", "uniform")
 
 
-# A scoring method: (signals, resolved layer weights, config) -> scores (B, Q)
-ScoreFn = Callable[[Signals, Sequence[float], PruningConfig], torch.Tensor]
+# A Q-Former (BLIP-2) scoring method: (signals, resolved layer weights, settings) -> scores (B, Q)
+ScoreFn = Callable[[Signals, Sequence[float], Settings], torch.Tensor]
 
 
-def _catp(signals: Signals, layer_weights: Sequence[float], config: PruningConfig) -> torch.Tensor:
+def _catp(signals: Signals, layer_weights: Sequence[float], config: Settings) -> torch.Tensor:
     token_weights = None
     if config.image_importance:
         if signals.vision_attention is None:
@@ -331,7 +304,7 @@ def _catp(signals: Signals, layer_weights: Sequence[float], config: PruningConfi
     return catp_scores(signals.cross_attentions, layer_weights, token_weights)
 
 
-def _catp_bounds(signals: Signals, layer_weights: Sequence[float], config: PruningConfig, tie_rtol: float):
+def _catp_bounds(signals: Signals, layer_weights: Sequence[float], config: Settings, tie_rtol: float):
     token_weights = image_token_weights(signals.vision_attention) if config.image_importance else None
     return catp_score_bounds(signals.cross_attentions, layer_weights, token_weights, tie_rtol)
 
@@ -346,12 +319,14 @@ METHODS: dict[str, ScoreFn] = {
 
 
 # Methods whose scores are discontinuous in the model's activations (rank counts) give parity score bounds; for
-# the others the scores are continuous and compared with a tolerance.
+# the others the scores are continuous and compared with a tolerance. Q-Former methods: (signals, layer weights,
+# settings, tie_rtol); Trimmed-Llama methods: (probs, row_weights, tie_rtol). Each → (lower, upper) scores.
 SCORE_BOUNDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"catp": _catp_bounds}
+TRIM_SCORE_BOUNDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"trim-union": trim_union_score_bounds}
 
 
 def score_bounds(
-    signals: Signals, layer_weights: Sequence[float], config: PruningConfig, tie_rtol: float
+    signals: Signals, layer_weights: Sequence[float], config: Settings, tie_rtol: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(lower, upper) scores (B, Q) reachable under float-level differences of the signals, or None when the
     method's scores are continuous (compare those with a tolerance instead)."""
@@ -369,63 +344,6 @@ def check_method(method: str, allowed: Sequence[str] | None = None) -> None:
         raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(allowed)}")
 
 
-def score_tokens(signals: Signals, layer_weights: Sequence[float], config: PruningConfig) -> torch.Tensor:
-    check_method(config.method, METHODS)
-    return METHODS[config.method](signals, layer_weights, config)
-
-
-# --------------------------------------------------------------------------------------------------- selection
-
-
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def _top_indices(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
-    """Indices of the ``count`` largest (or smallest) scores, ties → lower index first. (B, N) → (B, count).
-
-    Exported: ONNX ``TopK`` (documented to return the lower index first on ties). Eager: a stable sort, which
-    has the same tie order. ``torch.topk`` alone promises no tie order.
-    """
-    if _exporting():
-        return torch.topk(scores, count, dim=-1, largest=largest, sorted=True).indices
-    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
-    return order[:, :count]
-
-
-def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Static top-k selection, kept in original order. scores (B, N) float32 → kept_indices (B, k) int64.
-
-    TensorRT limits ``TopK`` to K ≤ 3840, so the selection runs TopK on ``min(k, N - k)`` elements: the ``k``
-    best when k ≤ N/2, else the ``N - k`` worst (dropped), then builds a keep-mask and compacts it in order with a
-    cumsum and a scatter. Ties: the lower index is kept.
-    """
-    batch = scores.shape[0]
-    num_tokens = int(scores.shape[1])  # static N: a Python int, so every TopK K below is a graph constant
-    if not 1 <= k <= num_tokens:
-        raise UsageError(f"k must lie in [1, {num_tokens}], got {k}")
-    positions = torch.arange(num_tokens, device=scores.device)  # (N,)
-    if k == num_tokens:
-        return positions.unsqueeze(0).expand(batch, num_tokens).clone()
-    scores = scores.float()
-    if k <= num_tokens - k:
-        best = _top_indices(scores, k, largest=True)  # (B, k)
-        keep_mask = torch.zeros_like(scores).scatter(1, best, 1.0)  # (B, N)
-    else:
-        # Drop the N - k worst. On ties the *higher* index must go first: flip, so TopK's lower-index-first rule
-        # picks the higher original index.
-        flipped = torch.flip(scores, dims=[1])
-        worst = (num_tokens - 1) - _top_indices(flipped, num_tokens - k, largest=False)  # (B, N - k)
-        keep_mask = torch.ones_like(scores).scatter(1, worst, 0.0)  # (B, N)
-    keep = keep_mask > 0.5
-    slot = torch.cumsum(keep_mask, dim=1).long() - 1  # (B, N) place of each kept token among the kept
-    slot = torch.where(keep, slot, torch.full_like(slot, k))  # dropped tokens go to a spare slot k
-    kept = torch.zeros(batch, k + 1, dtype=torch.long, device=scores.device)
-    kept = kept.scatter(1, slot, positions.unsqueeze(0).expand(batch, num_tokens))  # (B, k + 1)
-    return kept[:, :k]
-
-
-def gather_tokens(tokens: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
-    """(B, N, D), (B, k) → (B, k, D)."""
-    index = kept_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, k, D)
-    return torch.gather(tokens, 1, index)
+def score_tokens(signals: Signals, layer_weights: Sequence[float], config: Settings) -> torch.Tensor:
+    """Scores (B, Q) of the Q-Former tokens by ``config.method``."""
+    return method_function(METHODS, config.method, "BLIP-2")(signals, layer_weights, config)

@@ -98,7 +98,7 @@ class Blip2Reference(TorchReference):
         """HF's greedy tokens where HF can express the configuration: ratio 0 (``Blip2ForConditionalGeneration``
         itself), ``compact`` positions (the language model fed the reference's pruned query embeddings (B, k, D)
         followed by the text embeddings); ``original`` positions with pruning have no HF form."""
-        ratio, positions = self.pruning["ratio"], self.pruning["positions"]
+        ratio, positions = self.pruning.ratio, self.pruning.positions
         model, processor = self.adapter.model, self.adapter.processor
         kwargs = dict(GREEDY, max_new_tokens=max_new_tokens)
         tokens = []
@@ -153,7 +153,7 @@ class MllamaReference(TorchReference):
     def hf_generate(self, encoded: list[dict[str, np.ndarray]], max_new_tokens: int) -> HfGeneration:
         """Ratio 0 (every token kept, the first layer untrimmed): ``MllamaForConditionalGeneration.generate`` on the
         processor's inputs; with trimming HF has no equivalent."""
-        if self.pruning["ratio"] != 0:
+        if self.pruning.ratio != 0:
             return HfGeneration(why="HF has no trimmed cross-attention; the reference (HF's layers with the trimming "
                                     "in export/) is the check")
         tokens = []

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised BLIP-2 checkpoints (model + processor, written with ``save_pretrained``).
+"""Tiny randomly initialised BLIP-2 and Mllama checkpoints (model + processor, written with ``save_pretrained``),
+and the lowercase word-level tokenizer they use (``scripts/train_easyvqa.py`` builds the default model's with it).
 
 Used by the tests.
 The init traps of papers.md are handled: the vision tower's ``initializer_range`` defaults to 1e-10 (uniform
@@ -15,6 +16,52 @@ WORDS = (
     "circle square triangle rectangle red blue green yellow gray grey black brown teal white orange "
     "yes no not how many shapes which side left right top bottom"
 ).split()
+PUNCTUATION_AND_DIGITS = ("?", ":", ",", ".", "!", *(str(d) for d in range(10)))
+
+
+# ------------------------------------------------------------------------------------------------ word tokenizer
+
+
+def _word_splitting():
+    """(normalizer, pre-tokenizer) of the word-level tokenizers: lowercase, split on white space and punctuation."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    return normalizers.Lowercase(), pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+
+
+def words_in(texts) -> list[str]:
+    """The words of ``texts`` as the word-level tokenizer splits them, in order of appearance (repeats included)."""
+    normalizer, pre_tokenizer = _word_splitting()
+    return [word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+
+def _word_level(vocab: dict[str, int]):
+    """A ``tokenizers.Tokenizer`` over ``vocab``, one id per lowercase word; unknown words are ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = _word_splitting()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tokenizer
+
+
+def build_word_tokenizer(words=WORDS, extra=PUNCTUATION_AND_DIGITS):
+    """A lowercase word-level tokenizer over ``words`` then ``extra`` that adds ``</s>`` in front, as OPT's does
+    (``</s>`` is BOS and EOS)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in [*words, *extra]:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = _word_level(vocab)
+    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ BLIP-2
 
 
 @dataclass(frozen=True)
@@ -34,24 +81,6 @@ class TinyBlip2Spec:
     lm_hidden: int = 32
     weight_scale: float = 1.0  # every Linear weight multiplied by this: larger activations (parity calibration tests)
     seed: int = 0
-
-
-def build_word_tokenizer(words=WORDS):
-    """A lowercase word-level tokenizer that adds ``</s>`` in front, as OPT's does."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in list(words) + ["?", ":", ",", ".", "!"] + [str(d) for d in range(10)]:
-        vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), tokenizer=None) -> Path:
@@ -150,17 +179,14 @@ class TinyMllamaSpec:
 def build_mllama_tokenizer(words=WORDS):
     """Word-level tokenizer with Llama-3's special tokens; ``<|image|>`` takes the last id (= the text vocabulary
     size, as in the real model). It adds no BOS itself: ``MllamaProcessor`` inserts ``<|begin_of_text|>``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in list(MLLAMA_SPECIALS) + list(words) + ["?", ":", ",", ".", "!"] + [str(d) for d in range(10)]:
+    for token in [*MLLAMA_SPECIALS, *words, *PUNCTUATION_AND_DIGITS]:
         vocab.setdefault(token, len(vocab))
     vocab["<|image|>"] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = _word_level(vocab)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*MLLAMA_SPECIALS, "<|image|>")])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",

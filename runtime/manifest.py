@@ -4,10 +4,12 @@
 the graphs were built from, how to preprocess and tokenise, the input/output names, shapes and dtypes of every
 graph, and the sha256 of every file, so that a runtime never guesses.
 
-It is validated once, on load, against a typed and versioned schema (``schema_version``; pydantic, strict: no
-``"8"`` for 8): a malformed or edited manifest is one line naming the field. Loading pins the folder (Linux: an
-open directory descriptor, every file reached through ``/proc/self/fd/<fd>/``), so a concurrent rebuild, which
-swaps folders (``export/outdir.py``), cannot slip another build's file in between the integrity check and the use.
+It is validated once, on load, against the typed and versioned schema of ``runtime/contract.py`` (pydantic,
+strict: no ``"8"`` for 8): a malformed or edited manifest is one line naming the field. ``pruning`` is that
+module's :class:`ResolvedPruning`, the object the graphs were built from (``manifest.pruning.k``). Loading pins
+the folder (Linux: an open directory descriptor, every file reached through ``/proc/self/fd/<fd>/``), so a
+concurrent rebuild, which swaps folders (``export/outdir.py``), cannot slip another build's file in between the
+integrity check and the use.
 """
 from __future__ import annotations
 
@@ -17,190 +19,23 @@ import os
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Union, get_args
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
+from runtime.contract import (
+    DTYPES, MANIFEST_NAME, POSITION_POLICIES, SCHEMA_NAME, SCHEMA_VERSION, ManifestSchema, PositionPolicy,
+    ResolvedPruning, first_error,
+)
 from runtime.errors import ManifestError
 from runtime.files import parse_json
 
-SCHEMA_NAME = "vtprune.manifest"
-SCHEMA_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
 
-# ------------------------------------------------------------------------------------------------ schema
-
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
-
-
-class _Section(BaseModel):
-    """Strict types; a family's own extra keys are kept."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class _Closed(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class TensorSchema(_Closed):
-    name: Annotated[str, Field(min_length=1)]
-    shape: list[Union[NonNegativeInt, Annotated[str, Field(min_length=1)]]]
-    dtype: Literal[DTYPES]  # type: ignore[valid-type]
-
-
-class GraphSchema(_Closed):
-    file: str
-    inputs: Annotated[list[TensorSchema], Field(min_length=1)]
-    outputs: Annotated[list[TensorSchema], Field(min_length=1)]
-    external_data: str | None = None
-
-
-class ModelSchema(_Section):
-    source: str
-    architecture: str
-    config_sha256: Sha256
-    weights_sha256: dict[str, Sha256]
-
-
-# where kept visual tokens sit in the language model's positions (BLIP-2; see runtime/pipelines/blip2.py)
-PositionPolicy = Literal["original", "compact"]
-POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
-
-
-class PruningSchema(_Section):
-    method: Annotated[str, Field(min_length=1)]
-    ratio: Annotated[float, Field(ge=0.0, lt=1.0)]
-    k: PositiveInt
-    num_visual_tokens: PositiveInt
-    positions: PositionPolicy
-    seed: NonNegativeInt
-    max_num_tiles: PositiveInt | None = None  # Mllama
-
-    @model_validator(mode="after")
-    def _k_within_tokens(self):
-        if self.k > self.num_visual_tokens:
-            raise ValueError(f"k ({self.k}) exceeds num_visual_tokens ({self.num_visual_tokens})")
-        return self
-
-
-class TextSchema(_Section):
-    tokenizer: str
-    prefix_ids: list[NonNegativeInt] = []
-    suffix_ids: list[NonNegativeInt] = []
-    eos_token_ids: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    pad_token_id: NonNegativeInt
-    prompt_template: str | None = None
-    default_prompt_template: str | None = None
-    chat_template: str | None = None
-    image_token_id: NonNegativeInt | None = None
-    image_token: str | None = None
-    bos_token: str | None = None
-
-    @field_validator("prompt_template", "default_prompt_template")
-    @classmethod
-    def _has_placeholder(cls, value):
-        if value is not None and "{}" not in value:
-            raise ValueError("must contain '{}' where the question goes")
-        return value
-
-
-class _Pixels(_Section):
-    resample: Annotated[int, Field(ge=0, le=5)]  # Pillow's resampling filters
-    do_convert_rgb: bool = True
-    do_rescale: bool = True
-    rescale_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)]
-    do_normalize: bool = True
-    image_mean: Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
-    image_std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
-
-
-class BlipPreprocess(_Pixels):
-    kind: Literal["blip"]
-    size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    do_resize: bool = True
-
-
-class MllamaPreprocess(_Pixels):
-    kind: Literal["mllama"]
-    tile_size: PositiveInt
-    max_image_tiles: PositiveInt
-
-
-class LanguageModelSchema(_Section):
-    type: str
-    num_layers: PositiveInt
-    num_heads: PositiveInt
-    head_dim: PositiveInt
-    hidden_size: PositiveInt
-    vocab_size: PositiveInt
-    max_position_embeddings: PositiveInt
-
-
-class ManifestSchema(_Closed):
-    schema_: Literal[SCHEMA_NAME] = Field(alias="schema")  # type: ignore[valid-type]
-    schema_version: Literal[SCHEMA_VERSION]  # type: ignore[valid-type]
-    family: Annotated[str, Field(min_length=1)]
-    model: ModelSchema
-    pruning: PruningSchema
-    precision: Literal["fp32", "fp16"]
-    opset: PositiveInt
-    exporter: str
-    versions: dict[str, str]
-    text: TextSchema
-    preprocess: Annotated[Union[BlipPreprocess, MllamaPreprocess], Field(discriminator="kind")]
-    language_model: LanguageModelSchema
-    graphs: Annotated[dict[str, GraphSchema], Field(min_length=1)]
-    max_batch: PositiveInt
-    files: dict[str, Sha256]
-    backend: Literal["onnx"]
-
-    @field_validator("files")
-    @classmethod
-    def _relative_names(cls, files):
-        for name in files:
-            path = PurePosixPath(name)
-            if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name == MANIFEST_NAME:
-                raise ValueError(f"{name!r} is not a file name inside the engines folder")
-        return files
-
-    @model_validator(mode="after")
-    def _every_file_listed(self):
-        needed = {f"graphs.{name}.file": graph.file for name, graph in self.graphs.items()}
-        needed |= {f"graphs.{name}.external_data": graph.external_data for name, graph in self.graphs.items()
-                   if graph.external_data is not None}
-        needed["text.tokenizer"] = self.text.tokenizer
-        for where, name in needed.items():
-            if name not in self.files:
-                raise ValueError(f"{where} {name!r} is not listed with a sha256 in files")
-        return self
-
-
-def _first_error(err: ValidationError) -> str:
-    """One line: the field path, pydantic's message, the offending value (short)."""
-    first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    where = where.replace("schema_", "schema")
-    message = first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    shown = "" if isinstance(value, (dict, list)) else f" (got {json.dumps(value) if _jsonable(value) else repr(value)[:80]})"
-    more = f"; {err.error_count() - 1} more problem(s)" if err.error_count() > 1 else ""
-    return f"field {where}: {message}{shown[:120]}{more}"
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
+# the contract's names stay importable from here
+__all__ = ["DTYPES", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "POSITION_POLICIES", "SCHEMA_NAME", "SCHEMA_VERSION",
+           "GraphSpec", "Manifest", "ManifestSchema", "PositionPolicy", "ResolvedPruning", "TensorSpec", "sha256_file"]
 
 # ------------------------------------------------------------------------------------------------ runtime view
 
@@ -239,7 +74,7 @@ class GraphSpec:
 class Manifest:
     family: str  # adapter / pipeline name, e.g. "blip2-opt"
     model: dict[str, Any]  # source, architecture, config_sha256
-    pruning: dict[str, Any]  # method, ratio, k, num_visual_tokens, layer_weights, image_importance, positions, seed
+    pruning: ResolvedPruning  # method, ratio, k, num_visual_tokens, positions, seed and the family's own settings
     precision: str
     opset: int
     exporter: str
@@ -262,6 +97,7 @@ class Manifest:
         data = asdict(self)
         for private in ("root", "folder", "_pinned_files"):
             data.pop(private)
+        data["pruning"] = self.pruning.to_dict()
         return data
 
     def write(self, folder: Path) -> Path:
@@ -293,10 +129,11 @@ class Manifest:
         try:
             checked = ManifestSchema.model_validate(data)
         except ValidationError as err:
-            raise ManifestError(f"{path}: {_first_error(err)}") from None
+            raise ManifestError(f"{path}: {first_error(err)}") from None
         clean = checked.model_dump(by_alias=True, exclude_unset=False)
         graphs = {name: GraphSpec.from_dict(g) for name, g in clean.pop("graphs").items()}
-        # keep the family's own keys of each section exactly as written (pydantic keeps extras)
+        clean["pruning"] = checked.pruning  # the typed object itself
+        # keep the family's own keys of each other section exactly as written (pydantic keeps extras)
         return cls(graphs=graphs, root=root or folder, folder=folder, **clean)
 
     @classmethod
@@ -327,12 +164,12 @@ class Manifest:
         """Every listed file present with its sha256. Each file is hashed through a descriptor that stays open
         while the manifest lives (Linux): ``path()`` then names that very file (``/proc/self/fd/<fd>``), so what
         a runtime reads is what was checked, even if a rebuild replaces and deletes the folder meanwhile."""
-        assert self.root is not None
+        root = self._root()
         for name, digest in self.files.items():
-            shown = (self.folder or self.root) / name
+            shown = (self.folder or root) / name
             held = (self._pinned_files or {}).get(name)
             try:
-                fd = held if held is not None else os.open(self.root / name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = held if held is not None else os.open(root / name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
                 raise ManifestError(f"{shown} is listed in the manifest but missing") from None
             except OSError as err:
@@ -355,24 +192,27 @@ class Manifest:
     # ------------------------------------------------------------------ helpers
     def path(self, name: str) -> Path:
         """Where to read ``name``: the checked file itself once verified (Linux), else inside the pinned folder."""
-        assert self.root is not None
         pinned = (self._pinned_files or {}).get(name)
-        return _PROC_FD / str(pinned) if pinned is not None else self.root / name
+        return _PROC_FD / str(pinned) if pinned is not None else self._root() / name
 
     def graph_path(self, graph: str) -> Path:
         spec = self.graphs[graph]
         if spec.external_data is not None:  # the weights are found beside the graph: the pinned folder's path
-            assert self.root is not None
-            return self.root / spec.file
+            return self._root() / spec.file
         return self.path(spec.file)
+
+    def _root(self) -> Path:
+        if self.root is None:
+            raise ManifestError("this manifest has no engines folder to read files from (load one with Manifest.load)")
+        return self.root
 
     @property
     def k(self) -> int:
-        return int(self.pruning["k"])
+        return self.pruning.k
 
     @property
     def num_visual_tokens(self) -> int:
-        return int(self.pruning["num_visual_tokens"])
+        return self.pruning.num_visual_tokens
 
 
 def _pin(folder: Path) -> tuple[Path, int | None]:

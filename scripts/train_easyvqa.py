@@ -54,22 +54,11 @@ def load_split(split: str):
 
 
 def build_tokenizer(texts):
-    """Lowercase word-level tokenizer; ``</s>`` is BOS and EOS (as in OPT) and is prepended by the post-processor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """Lowercase word-level tokenizer over the words of ``texts``; ``</s>`` is BOS and EOS (as in OPT) and is
+    prepended by the post-processor."""
+    from export.tiny import build_word_tokenizer, words_in
 
-    normalizer = normalizers.Lowercase()
-    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for text in texts:
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
-            vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizer
-    tokenizer.pre_tokenizer = pre_tokenizer
-    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return build_word_tokenizer(words_in(texts), extra=())
 
 
 def build_model(tokenizer, seed: int):
@@ -124,17 +113,17 @@ def pixel_table(paths: dict, image_processor) -> tuple[np.ndarray, dict]:
 
 
 def answer_kind(answer: str) -> str:
-    return "shape" if answer in SHAPES else "yes/no" if answer in ("yes", "no") else "colour"
+    return "shape" if answer in SHAPES else "yes/no" if answer in ("yes", "no") else "color"
 
 
 def curriculum(answers) -> list[tuple[float, np.ndarray]]:
-    """Phases of (fraction of the steps, sampling probability per question): shape questions alone, then colour
-    questions alone, then half the natural distribution and half balanced over answer kinds (yes/no, colour, shape).
+    """Phases of (fraction of the steps, sampling probability per question): shape questions alone, then color
+    questions alone, then half the natural distribution and half balanced over answer kinds (yes/no, color, shape).
 
     Why (each run 7 epochs, 2 threads, measured on the test split): on the natural mix (73% yes/no, mostly about
-    colours) the model learns colours and never shapes: 85% overall, 37% on "what shape" (chance 33%); balanced
+    colors) the model learns colors and never shapes: 85% overall, 37% on "what shape" (chance 33%); balanced
     sampling: 79%, shapes still at chance; "what" questions of both kinds first: 85%, shapes at chance; shape
-    questions alone first: shapes 100% but "what colour" then stayed at chance (12%). Colours are learned in a few
+    questions alone first: shapes 100% but "what color" then stayed at chance (12%). Colors are learned in a few
     hundred steps once asked for alone, shapes only when nothing easier competes."""
     kinds = np.array([answer_kind(a) for a in answers])
     counts = {kind: int((kinds == kind).sum()) for kind in set(kinds.tolist())}
@@ -142,7 +131,7 @@ def curriculum(answers) -> list[tuple[float, np.ndarray]]:
     natural = np.ones(len(answers))
     only = lambda kind: (kinds == kind) / (kinds == kind).sum()  # noqa: E731
     mixed = 0.5 * natural / natural.sum() + 0.5 * balanced / balanced.sum()
-    return [(0.2, only("shape")), (0.1, only("colour")), (0.7, mixed)]
+    return [(0.2, only("shape")), (0.1, only("color")), (0.7, mixed)]
 
 
 def phase_sampling(phases, step: int, total_steps: int) -> np.ndarray:
@@ -316,8 +305,8 @@ easy-VQA so that the project has a default model that really answers. Weights: r
 - Data: {training['data']}. easy-VQA: MIT licence, © Victor Zhou (github.com/vzhou842/easy-VQA).
 - Objective: generative language-model loss on `Question: {{q}} Answer: {{a}}` + EOS (loss on the answer and EOS),
   with the runtime's own prompt template; word-level tokenizer (`tokenizers`) built from the training split.
-  Curriculum: 20% of the steps on shape questions alone, 10% on colour questions alone, then half the natural mix
-  and half balanced over answer kinds (yes/no, colour, shape); on the natural mix alone shapes are never learned
+  Curriculum: 20% of the steps on shape questions alone, 10% on color questions alone, then half the natural mix
+  and half balanced over answer kinds (yes/no, color, shape); on the natural mix alone shapes are never learned
   (`curriculum()` in the script lists the runs that led here).
 - Seed {training['seed']}, {training['steps']} steps of batch {training['batch_size']}, AdamW lr {training['lr']} (warm-up + cosine),
   {training['threads']} CPU threads, {training['train_minutes']} minutes; final training loss {training['final_loss']}.

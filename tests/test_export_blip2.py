@@ -50,8 +50,8 @@ def test_graphs_and_manifest(engines):
     assert manifest.graphs["prefill"].input("inputs_embeds").shape == ["batch", "prefill_len", 32]
     assert manifest.graphs["decode"].input("past.0.key").shape == ["batch", 4, "past_len", 8]
     for field in ("method", "ratio", "k", "num_visual_tokens", "layer_weights", "image_importance", "positions"):
-        assert field in manifest.pruning
-    assert manifest.pruning["layer_weights"] == [1.0, 1.0]
+        assert field in manifest.pruning.to_dict()
+    assert manifest.pruning.layer_weights == [1.0, 1.0]
     assert manifest.text["prompt_template"] == "Question: {} Answer:"
     assert manifest.text["eos_token_ids"] and "pad_token_id" in manifest.text
     assert manifest.model["config_sha256"] and manifest.opset == 17 and manifest.precision == "fp32"
@@ -119,7 +119,7 @@ def test_first_k_and_random_keep_fixed_tokens(engines_factory):
 def test_layer_weight_presets_and_image_importance(engines_factory, preset, image_importance):
     engines = engines_factory(ratio=0.5, layer_weights=preset, image_importance=image_importance)
     manifest = Manifest.load(engines)
-    assert len(manifest.pruning["layer_weights"]) == 2 and manifest.pruning["image_importance"] is image_importance
+    assert len(manifest.pruning.layer_weights) == 2 and manifest.pruning.image_importance is image_importance
     assert_passed(parity(engines, 2))
 
 

@@ -61,13 +61,13 @@ def test_foreign_folder_is_refused_unless_forced(tiny_blip2, tmp_path):
     (engines / "notes.txt").unlink()
     (engines / "parity.json").write_text("{}")  # the tools' own files are fine
     run_cli("export/build.py", "--model", tiny_blip2, "--out", engines, "--ratio", "0.25", "--quiet", check=True)
-    assert Manifest.load(engines).pruning["ratio"] == 0.25
+    assert Manifest.load(engines).pruning.ratio == 0.25
 
     # --out a symbolic link to an engines folder: the folder it names is replaced, the link stays a link
     link = tmp_path / "link"
     link.symlink_to(engines)
     run_cli("export/build.py", "--model", tiny_blip2, "--out", link, "--ratio", "0.75", "--quiet", check=True)
-    assert link.is_symlink() and Manifest.load(engines).pruning["ratio"] == 0.75
+    assert link.is_symlink() and Manifest.load(engines).pruning.ratio == 0.75
 
     run_cli("export/build.py", "--model", tiny_blip2, "--out", out, "--force", "--quiet", check=True)
     assert not (out / "thesis.tex").exists() and Manifest.load(out).family == "blip2-opt"
@@ -154,10 +154,10 @@ def _kill_build_at(tiny_blip2, out, delay):
 
 def _check_complete_build(out):
     manifest = Manifest.load(out)  # every file present with its sha256
-    assert manifest.pruning["ratio"] in (0.5, 0.75)
+    assert manifest.pruning.ratio in (0.5, 0.75)
     result = run_cli("runtime/infer.py", "--engines", out, "--image", SAMPLE, "--question", "what shape?")
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
-    return manifest.pruning["ratio"]
+    return manifest.pruning.ratio
 
 
 def kill_during_builds(tiny_blip2, tmp_path, delays):

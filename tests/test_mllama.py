@@ -319,9 +319,10 @@ def test_real_token_count_builds_without_large_topk(tmp_path, method, ratio):
         assert int(np.asarray(constants[node.input[1]]).reshape(-1)[0]) <= 3840
     # runs at N = 6404 (random visual states), kept set = the torch reference's
     from export.adapters.mllama import MllamaAdapter
+    from runtime.contract import ResolvedPruning
 
     adapter = MllamaAdapter(model)
-    prefill = adapter.prefill_module(manifest["pruning"])
+    prefill = adapter.prefill_module(ResolvedPruning.from_dict(manifest["pruning"]))
     rng = np.random.default_rng(0)
     feeds = {"input_ids": np.array([[69, 0, 10, 11, 12]]), "attention_mask": np.ones((1, 5), dtype=np.int64),
              "position_ids": np.arange(5)[None], "cross_attention_states": rng.normal(size=(1, 6404, 32)).astype(np.float32),

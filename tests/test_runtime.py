@@ -171,7 +171,7 @@ def test_main_command_default_model(tmp_path):
     out = tmp_path / "default"
     run_cli("export/build.py", "--ratio", "0.5", "--out", out, "--quiet", check=True)
     manifest = Manifest.load(out)
-    assert manifest.pruning["ratio"] == 0.5 and manifest.pruning["method"] == "catp"
+    assert manifest.pruning.ratio == 0.5 and manifest.pruning.method == "catp"
 
 
 def test_rank_bound_comparisons():

@@ -1,6 +1,10 @@
 """What every model adapter declares and provides. An adapter owns one model family: loading a local HF
 checkpoint, resolving a pruning request against it, and the torch modules that become the graphs (and serve
-as the PyTorch reference for parity)."""
+as the PyTorch reference for parity).
+
+``resolve()`` turns the request (``export.pruning.PruningConfig`` and the position policy) into the contract's
+``ResolvedPruning`` (``runtime/contract.py``), validated as it is made; ``graphs()``, ``torch_runners()`` and
+``score_bounds()`` take that object, whether it was just resolved or read back from a manifest."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +18,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from export.pruning import PruningConfig
+from export.pruning import PruningConfig, check_method, keep_count
+from runtime.contract import ResolvedPruning
+from runtime.errors import CheckpointError, UnsupportedError
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass
@@ -70,8 +78,15 @@ def weights_sha256(path: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in files}
 
 
+def processor_image_size(image_processor) -> tuple[int, int]:
+    """(height, width) the HF image processor resizes to (its ``size``, a dict or a ``SizeDict``)."""
+    size = image_processor.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
+    return int(height), int(width)
+
+
 def pixel_settings(image_processor) -> dict[str, Any]:
-    """The HF image processor's colour conversion, resampling, rescaling and normalisation, for the manifest."""
+    """The HF image processor's color conversion, resampling, rescaling and normalisation, for the manifest."""
     return {
         "resample": int(image_processor.resample),
         "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
@@ -101,6 +116,18 @@ def token_settings(tokenizer, generation_config, text_config) -> dict[str, Any]:
     }
 
 
+def text_model_settings(text_config) -> dict[str, int]:
+    """The language model's sizes every family's runtime reads (the manifest's ``language_model`` section)."""
+    return {
+        "num_layers": int(text_config.num_hidden_layers),
+        "num_heads": int(text_config.num_attention_heads),
+        "head_dim": int(text_config.hidden_size // text_config.num_attention_heads),
+        "hidden_size": int(text_config.hidden_size),
+        "vocab_size": int(text_config.vocab_size),
+        "max_position_embeddings": int(text_config.max_position_embeddings),
+    }
+
+
 def quiet_transformers() -> None:
     """No weight-loading progress bars or advisory warnings from transformers: our CLIs show their own progress."""
     from transformers.utils import logging as hf_logging
@@ -115,25 +142,66 @@ class ModelAdapter(ABC):
     methods: ClassVar[tuple[str, ...]]
     default_method: ClassVar[str]
     default_prompt_template: ClassVar[str]
+    tokenizer_files: ClassVar[tuple[str, ...]] = ("tokenizer.json",)  # any one of them will do
+    tokenizer_note: ClassVar[str] = ""  # why, when the family needs a particular one
 
     def __init__(self, path: str | Path, precision: str = "fp32"):
         self.path = Path(path)
         self.precision = precision
         quiet_transformers()
 
+    def check_checkpoint_files(self) -> None:
+        """The processor and the tokenizer saved beside the weights: one ``CheckpointError`` line otherwise."""
+        if not any((self.path / f).is_file() for f in PROCESSOR_FILES):
+            raise CheckpointError(
+                f"{self.path}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor beside the model "
+                "with processor.save_pretrained(folder)"
+            )
+        if not any((self.path / f).is_file() for f in self.tokenizer_files):
+            raise CheckpointError(
+                f"{self.path}: no tokenizer ({' or '.join(self.tokenizer_files)}) beside the model{self.tokenizer_note}"
+            )
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What every manifest records of the checkpoint (its ``model`` section, before the family's own facts)."""
+        return {
+            "source": str(self.path.resolve()),
+            "architecture": self.architectures[0],
+            "config_sha256": config_sha256(self.path),
+            "weights_sha256": weights_sha256(self.path),
+        }
+
     @classmethod
     def check_options(cls, config: PruningConfig, positions: str) -> None:
         """Flag checks that need the family but not the weights: they fail before the checkpoint is loaded."""
-        from export import pruning
+        check_method(config.method, cls.methods)
 
-        pruning.check_method(config.method, cls.methods)
+    @property
+    @abstractmethod
+    def num_visual_tokens(self) -> int:
+        """N: the visual tokens the pruning chooses among."""
 
     @abstractmethod
-    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        """The manifest's ``pruning`` section: method, ratio, k, N, resolved layer weights, ..."""
+    def family_settings(self, config: PruningConfig) -> dict[str, Any]:
+        """The family's own part of the resolved pruning (``ResolvedPruning``'s family fields)."""
+
+    def resolve(self, config: PruningConfig, positions: str) -> ResolvedPruning:
+        """The request resolved against this model (the manifest's ``pruning``): method, ratio, k of N, seed,
+        positions and the family's own settings. Checks the request first (``check_options``)."""
+        self.check_options(config, positions)
+        num_tokens = self.num_visual_tokens
+        return ResolvedPruning.checked(
+            method=config.method,
+            ratio=config.ratio,
+            k=keep_count(num_tokens, config.ratio),
+            num_visual_tokens=num_tokens,
+            seed=config.seed,
+            positions=positions,
+            **self.family_settings(config),
+        )
 
     @abstractmethod
-    def graphs(self, pruning: dict[str, Any]) -> list[GraphExport]:
+    def graphs(self, pruning: ResolvedPruning) -> list[GraphExport]:
         """Every graph of the pipeline, ready to trace (and to run as the reference)."""
 
     @abstractmethod
@@ -145,15 +213,16 @@ class ModelAdapter(ABC):
     @abstractmethod
     def language_model_settings(self) -> dict[str, Any]: ...
 
-    @abstractmethod
     def save_tokenizer(self, folder: Path) -> str:
-        """Write the tokenizer the runtime needs into ``folder``; return its file name."""
+        """Write the (fast) tokenizer the runtime needs into ``folder``; return its file name."""
+        self.processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        return "tokenizer.json"
 
     @abstractmethod
     def model_info(self) -> dict[str, Any]: ...
 
     def score_bounds(
-        self, pruning: dict[str, Any], feeds: dict[str, np.ndarray], tie_rtol: float
+        self, pruning: ResolvedPruning, feeds: dict[str, np.ndarray], tie_rtol: float
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """For parity: the lowest and highest score of every visual token that float-level differences of the
         model's activations can produce (rank-count methods such as CATP), from the graph whose module has a
@@ -167,7 +236,7 @@ class ModelAdapter(ABC):
             return None if bounds is None else tuple(b.detach().cpu().numpy() for b in bounds)
         return None
 
-    def torch_runners(self, pruning: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, TorchRunner]:
+    def torch_runners(self, pruning: ResolvedPruning, dtype: torch.dtype | None = None) -> dict[str, TorchRunner]:
         dtype = dtype or (torch.float16 if self.precision == "fp16" else torch.float32)
         return {graph.name: TorchRunner(graph, dtype) for graph in self.graphs(pruning)}
 
@@ -181,7 +250,7 @@ class ModelAdapter(ABC):
         """The model converted to float64 in place for the duration (parity's float64 reference), then back to
         float32 — an exact round trip, so the fp32 reference is unchanged afterwards. fp32 adapters only."""
         if self.precision != "fp32":
-            raise ValueError("the float64 reference is made from an fp32 model")
+            raise UnsupportedError("the float64 reference is made from an fp32 model")
         self.model.double()
         try:
             yield

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from export import pruning
-from export.adapters import register
-from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
+from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
+from export.adapters.registry import register
 from export.models import opt
+from export.models.cache import cache_names
 from export.pruning import PruningConfig, Signals
+from export.selection import gather_tokens, select_top_k
+from runtime.contract import ResolvedPruning
 from runtime.errors import CheckpointError, UsageError
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @contextmanager
@@ -52,12 +52,10 @@ def capture_attention_probs(modules: list[nn.Module]) -> Iterator[list[torch.Ten
 class PrunedVisual(nn.Module):
     """Vision encoder → Q-Former → score the Q queries → keep k (in order) → language projection."""
 
-    def __init__(self, model: nn.Module, config: PruningConfig, layer_weights: list[float], k: int):
+    def __init__(self, model: nn.Module, settings: ResolvedPruning):
         super().__init__()
         self.model = model
-        self.config = config
-        self.layer_weights = layer_weights
-        self.k = k
+        self.settings = settings  # method, image_importance, seed, layer_weights, k
         layers = model.qformer.encoder.layer
         self.cross_modules = [layer.crossattention.attention for layer in layers if layer.has_cross_attention]
         self.self_modules = [layer.attention.attention for layer in layers]
@@ -84,9 +82,9 @@ class PrunedVisual(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor):
         signals = self.signals(pixel_values)
-        scores = pruning.score_tokens(signals, self.layer_weights, self.config)  # (B, Q) float32
-        kept_indices = pruning.select_top_k(scores, self.k)  # (B, k) ascending
-        kept_tokens = pruning.gather_tokens(signals.tokens, kept_indices)  # (B, k, Dq)
+        scores = pruning.score_tokens(signals, self.settings.layer_weights, self.settings)  # (B, Q) float32
+        kept_indices = select_top_k(scores, self.settings.k)  # (B, k) ascending
+        kept_tokens = gather_tokens(signals.tokens, kept_indices)  # (B, k, Dq)
         projection = self.model.language_projection
         query_embeds = projection(kept_tokens.to(projection.weight.dtype))  # (B, k, E)
         return query_embeds, kept_indices, scores
@@ -94,7 +92,7 @@ class PrunedVisual(nn.Module):
     @torch.no_grad()
     def score_bounds(self, pixel_values: torch.Tensor, tie_rtol: float):
         """(lower, upper) scores reachable under float-level differences (parity), or None for continuous methods."""
-        return pruning.score_bounds(self.signals(pixel_values), self.layer_weights, self.config, tie_rtol)
+        return pruning.score_bounds(self.signals(pixel_values), self.settings.layer_weights, self.settings, tie_rtol)
 
 
 @register
@@ -104,6 +102,7 @@ class Blip2OptAdapter(ModelAdapter):
     methods = tuple(pruning.METHODS)
     default_method = "catp"
     default_prompt_template = "Question: {} Answer:"
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
 
     def __init__(self, path: str | Path, precision: str = "fp32"):
         super().__init__(path, precision)
@@ -115,14 +114,7 @@ class Blip2OptAdapter(ModelAdapter):
             raise CheckpointError(
                 f"{self.path}: BLIP-2 with a {text_type!r} language model is not supported; this adapter exports OPT"
             )
-        if not any((self.path / f).is_file() for f in PROCESSOR_FILES):
-            raise CheckpointError(
-                f"{self.path}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor beside the model "
-                "with processor.save_pretrained(folder)"
-            )
-        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
-            raise CheckpointError(f"{self.path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) beside the model")
-
+        self.check_checkpoint_files()
         self.processor = AutoProcessor.from_pretrained(self.path)
         self.model = Blip2ForConditionalGeneration.from_pretrained(
             self.path, attn_implementation="eager", dtype=torch.float32
@@ -141,15 +133,16 @@ class Blip2OptAdapter(ModelAdapter):
         return int(self.config.num_query_tokens)
 
     @property
+    def num_visual_tokens(self) -> int:
+        return self.num_queries  # the Q-Former's output queries are what is pruned
+
+    @property
     def num_cross_layers(self) -> int:
         return sum(1 for layer in self.model.qformer.encoder.layer if layer.has_cross_attention)
 
     def model_info(self) -> dict[str, Any]:
         return {
-            "source": str(self.path.resolve()),
-            "architecture": self.architectures[0],
-            "config_sha256": config_sha256(self.path),
-            "weights_sha256": weights_sha256(self.path),
+            **self.checkpoint_info(),
             "num_query_tokens": self.num_queries,
             "cross_attention_layers": self.num_cross_layers,
             "image_size": int(self.config.vision_config.image_size),
@@ -161,31 +154,16 @@ class Blip2OptAdapter(ModelAdapter):
         if config.trim_first_layer:
             raise UsageError("--trim-first-layer is a Trimmed-Llama (LLaMA-3.2-Vision) option; BLIP-2 has no cross-attention cache")
 
-    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        self.check_options(config, positions)
-        k = pruning.keep_count(self.num_queries, config.ratio)
-        layer_weights = pruning.parse_layer_weights(config.layer_weights, self.num_cross_layers)
+    def family_settings(self, config: PruningConfig) -> dict[str, Any]:
         return {
-            "method": config.method,
-            "ratio": config.ratio,
-            "k": k,
-            "num_visual_tokens": self.num_queries,
             "what": "Q-Former output query tokens",
             "layer_weights_preset": config.layer_weights,
-            "layer_weights": layer_weights,
+            "layer_weights": pruning.parse_layer_weights(config.layer_weights, self.num_cross_layers),
             "image_importance": bool(config.image_importance),
-            "seed": config.seed,
-            "positions": positions,
         }
 
     # ------------------------------------------------------------------ graphs
-    def graphs(self, resolved: dict[str, Any]) -> list[GraphExport]:
-        config = PruningConfig(
-            method=resolved["method"],
-            ratio=resolved["ratio"],
-            image_importance=resolved["image_importance"],
-            seed=resolved["seed"],
-        )
+    def graphs(self, settings: ResolvedPruning) -> list[GraphExport]:
         lm = self.model.language_model
         lm_config = self.config.text_config
         num_layers, heads = lm_config.num_hidden_layers, lm_config.num_attention_heads
@@ -193,14 +171,14 @@ class Blip2OptAdapter(ModelAdapter):
         float_dtype = lm.dtype
         image_size = int(self.config.vision_config.image_size)
         batch, text, past = 2, 3, 5  # trace with non-degenerate sizes so nothing specialises to 1
-        present = opt.cache_names(num_layers, "present")
-        past_names = opt.cache_names(num_layers, "past")
-        new_names = opt.cache_names(num_layers, "new")
+        present = cache_names(range(num_layers), "present")
+        past_names = cache_names(range(num_layers), "past")
+        new_names = cache_names(range(num_layers), "new")
         embed_dim = lm.get_input_embeddings().embedding_dim
 
         visual = GraphExport(
             name="visual",
-            module=PrunedVisual(self.model, config, resolved["layer_weights"], resolved["k"]),
+            module=PrunedVisual(self.model, settings),
             args=(torch.randn(batch, 3, image_size, image_size),),
             input_names=["pixel_values"],
             output_names=["query_embeds", "kept_indices", "scores"],
@@ -214,7 +192,7 @@ class Blip2OptAdapter(ModelAdapter):
             output_names=["inputs_embeds"],
             dynamic_axes={"input_ids": {0: "batch", 1: "text_len"}, "inputs_embeds": {0: "batch", 1: "text_len"}},
         )
-        seq = resolved["k"] + text
+        seq = settings.k + text
         prefill = GraphExport(
             name="prefill",
             module=opt.Prefill(lm),
@@ -258,11 +236,9 @@ class Blip2OptAdapter(ModelAdapter):
     # ------------------------------------------------------------------ runtime settings
     def preprocess_settings(self) -> dict[str, Any]:
         image_processor = self.processor.image_processor
-        size = image_processor.size
-        height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
         return {
             "kind": "blip",
-            "size": [int(height), int(width)],
+            "size": list(processor_image_size(image_processor)),
             "do_resize": bool(image_processor.do_resize),
             **pixel_settings(image_processor),
         }
@@ -275,17 +251,4 @@ class Blip2OptAdapter(ModelAdapter):
         }
 
     def language_model_settings(self) -> dict[str, Any]:
-        text = self.config.text_config
-        return {
-            "type": "opt",
-            "num_layers": int(text.num_hidden_layers),
-            "num_heads": int(text.num_attention_heads),
-            "head_dim": int(text.hidden_size // text.num_attention_heads),
-            "hidden_size": int(text.hidden_size),
-            "vocab_size": int(text.vocab_size),
-            "max_position_embeddings": int(text.max_position_embeddings),
-        }
-
-    def save_tokenizer(self, folder: Path) -> str:
-        self.processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
-        return "tokenizer.json"
+        return {"type": "opt", **text_model_settings(self.config.text_config)}

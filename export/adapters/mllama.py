@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from export import pruning
-from export.adapters import register
-from export.adapters.base import GraphExport, ModelAdapter, config_sha256, pixel_settings, token_settings, weights_sha256
+from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
+from export.adapters.registry import register
 from export.models import mllama
+from export.models.cache import cache_names
 from export.pruning import PruningConfig
+from runtime.contract import ResolvedPruning
 from runtime.errors import CheckpointError, UsageError
 
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = ("tokenizer.json",)
 DEFAULT_PROMPT = "<|image|>Question: {} Answer:"
 
 
@@ -37,18 +37,13 @@ class MllamaAdapter(ModelAdapter):
     methods = pruning.TRIM_METHODS
     default_method = "trim-sum"
     default_prompt_template = DEFAULT_PROMPT
+    tokenizer_note = " (the runtime needs the fast tokenizer)"
 
     def __init__(self, path: str | Path, precision: str = "fp32"):
         super().__init__(path, precision)
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-        if not any((self.path / f).is_file() for f in PROCESSOR_FILES):
-            raise CheckpointError(
-                f"{self.path}: no processor ({' or '.join(PROCESSOR_FILES)}); save the processor beside the model "
-                "with processor.save_pretrained(folder)"
-            )
-        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
-            raise CheckpointError(f"{self.path}: no tokenizer.json beside the model (the runtime needs the fast tokenizer)")
+        self.check_checkpoint_files()
         self.processor = AutoProcessor.from_pretrained(self.path)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         self.model = MllamaForConditionalGeneration.from_pretrained(self.path, attn_implementation="eager", dtype=dtype).eval()
@@ -77,10 +72,7 @@ class MllamaAdapter(ModelAdapter):
     def model_info(self) -> dict[str, Any]:
         text = self.config.text_config
         return {
-            "source": str(self.path.resolve()),
-            "architecture": self.architectures[0],
-            "config_sha256": config_sha256(self.path),
-            "weights_sha256": weights_sha256(self.path),
+            **self.checkpoint_info(),
             "cross_attention_layers": [int(i) for i in text.cross_attention_layers],
             "tile_size": int(self.config.vision_config.image_size),
             "max_num_tiles": self.max_tiles,
@@ -95,35 +87,27 @@ class MllamaAdapter(ModelAdapter):
         if positions != "original":
             raise UsageError("--positions applies to BLIP-2 only: Mllama's visual tokens are cross-attention keys and have no positions")
 
-    def resolve(self, config: PruningConfig, positions: str) -> dict[str, Any]:
-        self.check_options(config, positions)
-        k = pruning.keep_count(self.num_visual_tokens, config.ratio)
+    def family_settings(self, config: PruningConfig) -> dict[str, Any]:
         return {
-            "method": config.method,
-            "ratio": config.ratio,
-            "k": k,
-            "num_visual_tokens": self.num_visual_tokens,
             "what": "cross_attention_states tokens (one image: tiles × tokens per tile, padded tiles included)",
             "images_per_prompt": 1,
             "max_num_tiles": self.max_tiles,
             "tokens_per_tile": self.tokens_per_tile,
             "scored_at_layer": int(self.config.text_config.cross_attention_layers[0]),
             "trim_first_layer": bool(config.trim_first_layer),
-            "seed": config.seed,
-            "positions": positions,
             "layer_weights": None,
             "image_importance": False,
         }
 
     # ------------------------------------------------------------------ graphs
-    def prefill_module(self, resolved: dict[str, Any]) -> mllama.TrimmedPrefill:
-        score = pruning.trim_score_fn(resolved["method"], resolved["k"], resolved["seed"])
-        return mllama.TrimmedPrefill(self.model, score, resolved["k"], resolved["trim_first_layer"], resolved["method"])
+    def prefill_module(self, settings: ResolvedPruning) -> mllama.TrimmedPrefill:
+        score = pruning.trim_score_fn(settings.method, settings.k, settings.seed)
+        return mllama.TrimmedPrefill(self.model, score, settings.k, settings.trim_first_layer, settings.method)
 
-    def graphs(self, resolved: dict[str, Any]) -> list[GraphExport]:
+    def graphs(self, settings: ResolvedPruning) -> list[GraphExport]:
         vision_config, text = self.config.vision_config, self.config.text_config
         tile, tiles = int(vision_config.image_size), self.max_tiles
-        num_tokens, k = resolved["num_visual_tokens"], resolved["k"]
+        num_tokens, k = settings.num_visual_tokens, settings.k
         kv_heads, head_dim = int(text.num_key_value_heads), int(text.hidden_size // text.num_attention_heads)
         float_dtype = self.model.dtype
         batch, length, past = 2, 5, 4  # non-degenerate sizes so that nothing specialises to 1
@@ -138,7 +122,7 @@ class MllamaAdapter(ModelAdapter):
             output_names=["cross_attention_states"],
             dynamic_axes={name: {0: "batch"} for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_states")},
         )
-        prefill_module = self.prefill_module(resolved)
+        prefill_module = self.prefill_module(settings)
         input_ids = torch.randint(0, image_token, (batch, length))
         cross_attention_mask = torch.ones(batch, length, 1, tiles, dtype=torch.long)
         prefill = GraphExport(
@@ -153,10 +137,10 @@ class MllamaAdapter(ModelAdapter):
                 "position_ids": {0: "batch", 1: "prompt_len"}, "cross_attention_states": {0: "batch"},
                 "cross_attention_mask": {0: "batch", 1: "prompt_len"},
                 **{name: {0: "batch"} for name in prefill_module.output_names},
-                **{name: {0: "batch", 2: "prompt_len"} for name in mllama.cache_names(prefill_module.self_layers, "present")},
+                **{name: {0: "batch", 2: "prompt_len"} for name in cache_names(prefill_module.self_layers, "present")},
             },
         )
-        decode_module = mllama.DecodeStep(self.model, resolved["trim_first_layer"])
+        decode_module = mllama.DecodeStep(self.model, settings.trim_first_layer)
         first_cross = decode_module.cross_layers[0]
         example = {
             "input_ids": torch.randint(0, image_token, (batch, 1)),
@@ -166,10 +150,10 @@ class MllamaAdapter(ModelAdapter):
             "cross_mask_kept": torch.zeros(batch, k),
             "text_row_mask": torch.ones(batch, 1),
         }
-        for name in mllama.cache_names(decode_module.self_layers, "past"):
+        for name in cache_names(decode_module.self_layers, "past"):
             example[name] = torch.randn(batch, kv_heads, past, head_dim, dtype=float_dtype)
         for index in decode_module.cross_layers:
-            width = num_tokens if index == first_cross and not resolved["trim_first_layer"] else k
+            width = num_tokens if index == first_cross and not settings.trim_first_layer else k
             for part in ("key", "value"):
                 example[f"cross.{index}.{part}"] = torch.randn(batch, kv_heads, width, head_dim, dtype=float_dtype)
         decode = GraphExport(
@@ -181,7 +165,7 @@ class MllamaAdapter(ModelAdapter):
             dynamic_axes={
                 "attention_mask": {0: "batch", 1: "past_len"},
                 **{name: {0: "batch"} for name in decode_module.input_names if name != "attention_mask"},
-                **{name: {0: "batch", 2: "past_len"} for name in mllama.cache_names(decode_module.self_layers, "past")},
+                **{name: {0: "batch", 2: "past_len"} for name in cache_names(decode_module.self_layers, "past")},
                 **{name: {0: "batch"} for name in decode_module.output_names},
             },
         )
@@ -190,13 +174,12 @@ class MllamaAdapter(ModelAdapter):
     # ------------------------------------------------------------------ runtime settings
     def preprocess_settings(self) -> dict[str, Any]:
         image_processor = self.processor.image_processor
-        size = image_processor.size
-        height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
+        height, width = processor_image_size(image_processor)
         if height != width:
             raise CheckpointError(f"{self.path}: Mllama tiles must be square, got {height}×{width}")
         return {
             "kind": "mllama",
-            "tile_size": int(height),
+            "tile_size": height,
             "max_image_tiles": int(image_processor.max_image_tiles),
             **pixel_settings(image_processor),
         }
@@ -219,17 +202,8 @@ class MllamaAdapter(ModelAdapter):
         cross = [int(i) for i in text.cross_attention_layers]
         return {
             "type": "mllama",
-            "num_layers": int(text.num_hidden_layers),
+            **text_model_settings(text),
             "self_attention_layers": [i for i in range(int(text.num_hidden_layers)) if i not in cross],
             "cross_attention_layers": cross,
-            "num_heads": int(text.num_attention_heads),
             "num_key_value_heads": int(text.num_key_value_heads),
-            "head_dim": int(text.hidden_size // text.num_attention_heads),
-            "hidden_size": int(text.hidden_size),
-            "vocab_size": int(text.vocab_size),
-            "max_position_embeddings": int(text.max_position_embeddings),
         }
-
-    def save_tokenizer(self, folder: Path) -> str:
-        self.processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
-        return "tokenizer.json"

@@ -14,15 +14,16 @@ tile), k kept visual tokens, D hidden width, H query heads, KV key/value heads, 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from export import pruning
 from export.models.kv_cache import attend_cached, cache_bias
+from export.models.cache import cache_names
 from export.models.masks import additive_mask
 from export.models.precision import wide_dtype, widen
+from export.selection import gather_tokens
+from runtime.errors import CheckpointError
 
 MASK_MIN = torch.finfo(torch.float32).min
 
@@ -131,25 +132,7 @@ def cross_attention_layer(layer, hidden, key, value, mask, row_mask):
     return hidden + layer.cross_attn_mlp_gate.tanh() * mlp, probs
 
 
-def gather_tokens(states: torch.Tensor, kept_indices: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather ``kept_indices`` (B, k) along ``dim`` of a batched tensor (any rank)."""
-    shape = [1] * states.dim()
-    shape[0], shape[dim] = kept_indices.shape
-    index = kept_indices.view(shape)
-    expand = list(states.shape)
-    expand[dim] = kept_indices.shape[1]
-    return torch.gather(states, dim, index.expand(expand))
-
-
 # ------------------------------------------------------------------------------------------------ model
-
-
-def cache_names(layers: list[int], prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{part}" for i in layers for part in ("key", "value")]
-
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-SCORE_BOUNDS = {"trim-union": pruning.trim_union_score_bounds}  # rank-count methods: parity compares against bounds
 
 
 class _Text(nn.Module):
@@ -185,7 +168,7 @@ class TrimmedPrefill(_Text):
     ascending; ``scores`` (B, N) float32.
     """
 
-    def __init__(self, model: nn.Module, score: ScoreFn, k: int, trim_first_layer: bool, method: str = ""):
+    def __init__(self, model: nn.Module, score: pruning.TrimScoreFn, k: int, trim_first_layer: bool, method: str = ""):
         super().__init__(model)
         self.score, self.k, self.trim_first_layer, self.method = score, k, trim_first_layer, method
         self.output_names = ["logits", *cache_names(self.self_layers, "present"), *cache_names(self.cross_layers, "cross"),
@@ -198,7 +181,7 @@ class TrimmedPrefill(_Text):
     @torch.no_grad()
     def score_bounds(self, input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask, tie_rtol: float):
         """(lower, upper) scores reachable under float-level differences, for rank-count methods; else None."""
-        bounds = SCORE_BOUNDS.get(self.method)
+        bounds = pruning.TRIM_SCORE_BOUNDS.get(self.method)  # rank-count methods: parity compares against bounds
         if bounds is None:
             return None
         probs, row_weights, _ = self.signals(input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask)
@@ -242,7 +225,8 @@ class TrimmedPrefill(_Text):
                 key, value = cross_key_value(layer, kept_states)  # (B, KV, k, Dh)
                 hidden, _ = cross_attention_layer(layer, hidden, key, value, kept_mask, row_mask)
             outputs[f"cross.{index}.key"], outputs[f"cross.{index}.value"] = key, value
-        assert kept_indices is not None and kept_mask is not None and scores is not None
+        if kept_indices is None or kept_mask is None or scores is None:
+            raise CheckpointError("the language model has no cross-attention layer: there is nothing to trim")
         return {
             "logits": self.logits(hidden),
             **outputs,

@@ -162,8 +162,3 @@ class DecodeStep(nn.Module):
         inputs_embeds = embed_tokens(self.lm, input_ids)  # (B, 1, E)
         logits, new = forward(self.lm, inputs_embeds, attention_mask, position_ids, cache)
         return (logits, *[t for pair in new for t in pair])
-
-
-def cache_names(num_layers: int, prefix: str) -> list[str]:
-    """``past.0.key, past.0.value, past.1.key, …`` (or ``present.…``, ``new.…``)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]

@@ -51,7 +51,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
         hf_texts = [format_prompt(onnx.prompt.template, q) for q in questions]
     encoded = reference_model.hf_inputs(images, hf_texts, chat)
     runtime_ids = onnx.encode_questions(questions)
-    max_tiles = int(manifest.pruning["max_num_tiles"])  # the only pruning setting parity's runtime side reads
+    max_tiles = int(manifest.pruning.max_num_tiles)  # the only pruning setting parity's runtime side reads
     rows = []
     for row, (ids, enc) in enumerate(zip(runtime_ids, encoded)):
         hf_ids = enc["input_ids"][0].tolist()

@@ -339,7 +339,7 @@ def run_parity(
         "tolerances": tol,
         "calibration": chosen.describe(),
         "samples": len(questions),
-        "pruning": manifest.pruning,
+        "pruning": manifest.pruning.to_dict(),
         "stages": stages,
         "passed": all(stage["passed"] for stage in stages.values()),
     }

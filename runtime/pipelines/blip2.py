@@ -18,7 +18,8 @@ from PIL import Image
 
 from runtime.backends.base import Runner
 from runtime.errors import UsageError
-from runtime.manifest import POSITION_POLICIES, Manifest
+from runtime.contract import POSITION_POLICIES
+from runtime.manifest import Manifest
 from runtime.pipelines.base import Answer, BatchedPipeline, Clock, finish_reasons, left_pad, register
 from runtime.pipelines.decoding import prefill
 from runtime.preprocess import preprocess
@@ -65,7 +66,7 @@ class Blip2Pipeline(BatchedPipeline):
         super().__init__(manifest, runners, prompt_template)
         self.prompt_template = prompt_template if prompt_template is not None else manifest.text["prompt_template"]
         format_prompt(self.prompt_template, "")  # validate early
-        self.positions = manifest.pruning["positions"]
+        self.positions = manifest.pruning.positions
 
     # ------------------------------------------------------------------ stages
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:

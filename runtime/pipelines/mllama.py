@@ -157,7 +157,7 @@ class MllamaPipeline(BatchedPipeline):
             "position_ids": position_ids.astype(np.int64),
             "cross_attention_states": states.astype(self.float_dtype),
             "cross_attention_mask": cross_attention_mask(
-                ids, width, self.prompt.image_token_id, num_tiles, int(self.pruning["max_num_tiles"])),
+                ids, width, self.prompt.image_token_id, num_tiles, int(self.pruning.max_num_tiles)),
         }
 
     def first_generated_positions(self, text_ids: list[list[int]]) -> np.ndarray:
@@ -169,7 +169,7 @@ class MllamaPipeline(BatchedPipeline):
         kept (the first layer N unless trimmed, the others k)."""
         names = [name for name in prefill_out if name.startswith("cross.")]
         kept = sum(prefill_out[name][0].nbytes for name in names)
-        full = sum(prefill_out[name][0].nbytes // prefill_out[name].shape[2] * int(self.pruning["num_visual_tokens"]) for name in names)
+        full = sum(prefill_out[name][0].nbytes // prefill_out[name].shape[2] * self.pruning.num_visual_tokens for name in names)
         return {"full": int(full), "kept": int(kept), "kept_fraction": round(kept / full, 6) if full else 1.0}
 
     # ------------------------------------------------------------------ end to end
