@@ -20,7 +20,7 @@ from export import pruning
 from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
 from export.adapters.registry import register
 from export.models import opt
-from export.models.cache import cache_names
+from export.models.kv_cache import cache_names
 from export.pruning import PruningConfig, Signals
 from export.selection import gather_tokens, select_top_k
 from runtime.contract import ResolvedPruning

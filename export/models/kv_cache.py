@@ -9,14 +9,25 @@ concatenation, no cache copy, one static shape per request (what TensorRT wants)
 The new token attends to the filled slots and to itself. Its own score is computed apart and joined to the
 cache's before the softmax, so the softmax and the weighted sum run over exactly the keys the unpruned HF model
 attends to (the cache's empty slots get the mask's minimum, whose exponential is an exact 0).
+
+Tensor names, one pair per layer ``i`` (the decoder layer's index): a prefill returns ``present.{i}.key|value``
+(the prompt's, which fill the cache's first slots); a decode step takes the cache as ``past.{i}.key|value`` and
+returns ``new.{i}.key|value``; Mllama's trimmed cross-attention keys/values are ``cross.{i}.key|value``.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 
 from export.models.precision import widen
 
 MASK_MIN = torch.finfo(torch.float32).min
+
+
+def cache_names(layers: Iterable[int], prefix: str) -> list[str]:
+    """``past.0.key, past.0.value, past.1.key, …`` for ``layers``, with ``prefix`` present / past / new / cross."""
+    return [f"{prefix}.{i}.{part}" for i in layers for part in ("key", "value")]
 
 
 def cache_bias(cache_mask: torch.Tensor) -> torch.Tensor:

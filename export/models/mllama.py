@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from export import pruning
-from export.models.kv_cache import attend_cached, cache_bias
-from export.models.cache import cache_names
+from export.models.kv_cache import attend_cached, cache_bias, cache_names
 from export.models.masks import additive_mask
 from export.models.precision import wide_dtype, widen
 from export.selection import gather_tokens
