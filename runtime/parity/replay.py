@@ -27,7 +27,7 @@ from runtime.errors import UsageError
 from runtime.parity import run_results
 from runtime.parity.compare import compare_kept_sets, judge, same_kept_rows
 from runtime.parity.report import check_report_path, show_summary, write_report
-from runtime.parity.stages import CALIBRATIONS, TOLERANCES, cast_feeds, integrity, stderr_say
+from runtime.parity.stages import cast_feeds, open_engines, stderr_say
 from runtime.tolerance import Calibration
 
 SELECTION = ("kept_indices", "scores")  # the outputs of a graph that selects visual tokens
@@ -84,14 +84,9 @@ def replay_parity(
     """Judge the engines in ``engines`` against a reference saved by ``run_parity(save_reference=...)``; write
     ``parity.json`` (or ``out_json``); return the report."""
     from runtime.backends import load_runners
-    from runtime.manifest import Manifest
 
     say = stderr_say(quiet)
-    if calibration not in CALIBRATIONS:
-        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    manifest = Manifest.load(engines, verify=False)
-    checked = integrity(manifest)
-    tol = TOLERANCES[manifest.precision]
+    manifest, checked, tol = open_engines(engines, calibration)
     out_path = check_report_path(out_json, engines)
     saved = run_results.load_saved_reference(reference_outputs, reference_inputs)
     signatures = run_results.graph_signatures(manifest)

@@ -286,6 +286,17 @@ def save_recorded_reference(context: ParityContext, path: Path) -> dict[str, str
 # ------------------------------------------------------------------------------------------------- run
 
 
+def open_engines(engines: str | Path, calibration: str):
+    """What every parity run starts with: the flag checked, the manifest loaded, every file's sha256 checked →
+    (manifest, the integrity stage, the precision's tolerances)."""
+    from runtime.manifest import Manifest
+
+    if calibration not in CALIBRATIONS:
+        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    manifest = Manifest.load(engines, verify=False)
+    return manifest, integrity(manifest), TOLERANCES[manifest.precision]
+
+
 def run_parity(
     engines: str | Path,
     images=None,
@@ -304,15 +315,10 @@ def run_parity(
     reference's own noise), ``relative`` (a tensor-scale-relative tolerance), ``auto`` (float64 where a float64
     copy of the model fits in memory). ``save_reference``: also write the reference's graph calls (inputs, fp32 and,
     when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``)."""
-    from runtime.manifest import Manifest
     from runtime.parity import run_results
 
     say = stderr_say(quiet)
-    if calibration not in CALIBRATIONS:
-        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    manifest = Manifest.load(engines, verify=False)
-    checked = integrity(manifest)
-    tol = TOLERANCES[manifest.precision]
+    manifest, checked, tol = open_engines(engines, calibration)
     questions = list(questions or DEFAULT_QUESTIONS)
     images = images if images is not None else default_images(len(questions))
     if len(images) != len(questions):
