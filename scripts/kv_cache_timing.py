@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             row = time_engines(engines, args.batch, args.new_tokens, args.repeats, mode)
             print(json.dumps({"label": args.label, **row}), flush=True)
             rows.append(row)
-    results[args.label] = rows
+    import os
+    import platform
+
+    import onnxruntime
+
+    results[args.label] = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                                       "onnxruntime": onnxruntime.__version__}, "rows": rows}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -115,3 +115,21 @@ def test_io_binding_gives_the_same_tokens_and_logits(engines):
     pipeline = make_pipeline(manifest, {name: _PlainRunner(runner) for name, runner in runners.items()})
     pipeline.io_binding = True
     assert [a.token_ids for a in pipeline.answer(images, questions, max_new_tokens=6)] == results[False][0]
+
+
+def test_infer_io_binding_flag(engines):
+    import json
+
+    from conftest import REPO, run_cli
+
+    sample = REPO / "samples" / "easyvqa-test-0.png"
+
+    records = {}
+    for mode in ("off", "on", "auto"):
+        result = run_cli("runtime/infer.py", "--engines", engines, "--image", sample, "--question", "what shape?",
+                         "--json", "--io-binding", mode, check=True)
+        record = json.loads(result.stdout)
+        records[mode] = (record["answer"], record["token_ids"])
+    assert records["off"] == records["on"] == records["auto"]
+    result = run_cli("runtime/infer.py", "--engines", engines, "--image", sample, "--question", "q", "--io-binding", "yes")
+    assert result.returncode == 2 and "--io-binding" in result.stderr
