@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from export.selection import gather_tokens, rank_bounds, select_top_k, stable_ranks, top_ranks
-from runtime.contract import ResolvedPruning
+from runtime.contract import ResolvedPruning, keep_count
 from runtime.errors import UsageError
 
 __all__ = [
@@ -41,13 +41,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------- config
 
 LAYER_WEIGHT_PRESETS = ("uniform", "first", "last", "first+last")
-
-
-def keep_count(num_tokens: int, ratio: float) -> int:
-    """``k = max(1, round(N * (1 - ratio)))``; ``ratio`` must lie in ``[0, 1)``."""
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-        raise UsageError(f"--ratio must lie in [0, 1) (the fraction of visual tokens removed), got {ratio}")
-    return max(1, int(round(num_tokens * (1.0 - ratio))))
 
 
 def parse_layer_weights(spec: str, num_layers: int) -> list[float]:

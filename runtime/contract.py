@@ -9,6 +9,7 @@ is validated once, on construction, by the same code on either side.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -44,6 +45,13 @@ class _Closed(BaseModel):
 # ------------------------------------------------------------------------------------------------ pruning
 
 
+def keep_count(num_tokens: int, ratio: float) -> int:
+    """``k = max(1, round(N * (1 - ratio)))``; ``ratio`` (the fraction of visual tokens removed) must lie in ``[0, 1)``."""
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise UsageError(f"--ratio must lie in [0, 1) (the fraction of visual tokens removed), got {ratio}")
+    return max(1, int(round(num_tokens * (1.0 - ratio))))
+
+
 class ResolvedPruning(BaseModel):
     """A pruning request resolved against one model: what the graphs were built with and what the manifest records.
 
@@ -73,9 +81,12 @@ class ResolvedPruning(BaseModel):
     trim_first_layer: bool = False  # also trim the first cross-attention layer's own keys/values
 
     @model_validator(mode="after")
-    def _k_within_tokens(self):
+    def _k_from_ratio(self):
         if self.k > self.num_visual_tokens:
             raise ValueError(f"k ({self.k}) exceeds num_visual_tokens ({self.num_visual_tokens})")
+        expected = keep_count(self.num_visual_tokens, self.ratio)
+        if self.k != expected:
+            raise ValueError(f"k ({self.k}) is not max(1, round({self.num_visual_tokens} × (1 − {self.ratio:g}))) = {expected}")
         return self
 
     @classmethod
