@@ -182,6 +182,10 @@ class LanguageModelSchema(_Section):
     max_position_embeddings: PositiveInt
 
 
+# the family-specific pruning settings a family's graphs were built with (the runtime and parity read them)
+FAMILY_PRUNING_FIELDS = {"blip2-opt": ("layer_weights",), "mllama": ("max_num_tiles", "tokens_per_tile")}
+
+
 class ManifestSchema(_Closed):
     schema_: Literal[SCHEMA_NAME] = Field(alias="schema")  # type: ignore[valid-type]
     schema_version: Literal[SCHEMA_VERSION]  # type: ignore[valid-type]
@@ -208,6 +212,13 @@ class ManifestSchema(_Closed):
             if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name == MANIFEST_NAME:
                 raise ValueError(f"{name!r} is not a file name inside the engines folder")
         return files
+
+    @model_validator(mode="after")
+    def _family_pruning_settings(self):
+        missing = [name for name in FAMILY_PRUNING_FIELDS.get(self.family, ()) if getattr(self.pruning, name) is None]
+        if missing:
+            raise ValueError(f"pruning.{missing[0]} is required for model family {self.family!r}")
+        return self
 
     @model_validator(mode="after")
     def _every_file_listed(self):
