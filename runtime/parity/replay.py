@@ -27,7 +27,7 @@ from runtime.errors import UsageError
 from runtime.parity import run_results
 from runtime.parity.compare import compare_kept_sets, judge, same_kept_rows
 from runtime.parity.report import check_report_path, show_summary, write_report
-from runtime.parity.stages import cast_feeds, open_engines, stderr_say
+from runtime.parity.stages import cast_feeds, open_engines, report_head, stderr_say
 from runtime.tolerance import Calibration
 
 SELECTION = ("kept_indices", "scores")  # the outputs of a graph that selects visual tokens
@@ -107,11 +107,7 @@ def replay_parity(
     for graph, calls in verdicts.items():
         stages[graph] = graph_stage(calls) if calls else {"passed": True, "skipped": "the saved reference never ran this graph"}
     report = {
-        "engines": str(Path(engines)),
-        "backend": backend,
-        "precision": manifest.precision,
-        "tolerances": tol,
-        "calibration": chosen.describe(),
+        **report_head(engines, backend, manifest, tol, chosen),
         "reference": {"outputs": str(saved.outputs_path), "inputs": str(saved.inputs_path), "calls": len(graphs),
                       "float64": saved.float64 is not None},
         "stages": stages,

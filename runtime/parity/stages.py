@@ -297,6 +297,12 @@ def open_engines(engines: str | Path, calibration: str):
     return manifest, integrity(manifest), TOLERANCES[manifest.precision]
 
 
+def report_head(engines, backend: str, manifest, tol: dict, chosen: Calibration) -> dict[str, Any]:
+    """The fields every parity report starts with: what was checked, on what, with which tolerances."""
+    return {"engines": str(Path(engines)), "backend": backend, "precision": manifest.precision, "tolerances": tol,
+            "calibration": chosen.describe()}
+
+
 def run_parity(
     engines: str | Path,
     images=None,
@@ -339,11 +345,7 @@ def run_parity(
     context = ParityContext(manifest, reference, backend, tol, chosen, images, questions, max_new_tokens, say)
     stages: dict[str, Any] = {"integrity": checked, **stages_of(context)}
     report = {
-        "engines": str(Path(engines)),
-        "backend": backend,
-        "precision": manifest.precision,
-        "tolerances": tol,
-        "calibration": chosen.describe(),
+        **report_head(engines, backend, manifest, tol, chosen),
         "samples": len(questions),
         "pruning": manifest.pruning.to_dict(),
         "stages": stages,
