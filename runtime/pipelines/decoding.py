@@ -1,7 +1,8 @@
 """Prefill, one decode step, and the greedy loop over a preallocated KV cache (gpt-fast's ``KVCache`` model).
 
     prefill(runner, feeds, max_new_tokens)  → outputs, KVCache     the prompt's keys/values fill slots 0…T-1
-    DecodeStep(runner, cache, constant)     (tokens, positions) → logits; writes slot T, T+1, … in place
+    decode_step(runner, cache, tokens, …)   → logits; writes slot T, T+1, … in place
+    DecodeStep(runner, cache, constant)     the same as a callable, over bound buffers where the runner binds
     greedy_decode(step, logits, …)          argmax, EOS / limits, optional per-token callback
 
 The cache is allocated once per request for ``B × (T + max_new_tokens − 1)`` slots (the last token is never fed
@@ -70,6 +71,16 @@ def prefill(runner: Runner, feeds: dict[str, np.ndarray], max_new_tokens: int) -
     return outputs, KVCache.from_prefill(outputs, feeds["attention_mask"], max_new_tokens)
 
 
+def decode_step(runner: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
+                constant: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """One decode-graph call: tokens (B,) at positions (B,) over the cache → logits (B, V); the new keys/values are
+    written into the cache's next slot."""
+    outputs = runner.run({"input_ids": tokens.astype(np.int64)[:, None], "position_ids": positions.astype(np.int64)[:, None],
+                          **cache.feeds(), **(constant or {})})  # (B, 1) each, the cache, the request's constants
+    cache.append(outputs)
+    return outputs["logits"]
+
+
 class DecodeStep:
     """``step(tokens (B,), positions (B,)) → logits (B, V)``: one decode-graph call that then writes the new
     keys/values into the cache. ``constant`` feeds (Mllama's cross-attention keys/values and masks) stay fixed for
@@ -104,16 +115,13 @@ class DecodeStep:
         return buffers
 
     def __call__(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        self.input_ids[:, 0] = tokens
+        if self.bound is None:
+            return decode_step(self.runner, self.cache, tokens, positions, self.constant)
+        self.input_ids[:, 0] = tokens  # the bound buffers, overwritten in place
         self.position_ids[:, 0] = positions
-        if self.bound is not None:
-            self.bound()
-            outputs = self.outputs
-        else:
-            outputs = self.runner.run({"input_ids": self.input_ids.copy(), "position_ids": self.position_ids.copy(),
-                                       **self.cache.feeds(), **self.constant})
-        self.cache.append(outputs)
-        return outputs["logits"]
+        self.bound()
+        self.cache.append(self.outputs)
+        return self.outputs["logits"]
 
 
 def greedy_decode(
