@@ -17,8 +17,9 @@ from conftest import REPO, run_cli
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
 from runtime.parity import default_images, run_parity
-from runtime.parity.run_results import (FLOAT64_RUNNER, FP32_RUNNER, decode_array, encode_array, inputs_path,
-                                        load_feeds, load_run_results, run_results_document, write_json)
+from runtime.parity.run_results import (BOUNDS_RUNNER, FLOAT64_RUNNER, FP32_RUNNER, LOWER, UPPER, decode_array,
+                                        encode_array, inputs_path, load_feeds, load_run_results, run_results_document,
+                                        write_json)
 
 ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.linspace(-1, 1, 5), np.array([[3, -1]], dtype=np.int64),
           np.array([True, False]), np.float16([1.5, -2.25]), np.zeros((0, 4), np.float32), np.array(7, dtype=np.int32)]
@@ -99,8 +100,12 @@ def test_saved_reference_is_polygraphy_run_results(engines, saved):
     manifest = Manifest.load(engines)
     results = RunResults.load(str(saved))
     feeds = load_json(str(inputs_path(saved)))
-    assert list(results.keys()) == [FP32_RUNNER, FLOAT64_RUNNER]
-    assert len(results[FP32_RUNNER]) == len(results[FLOAT64_RUNNER]) == len(feeds) > 4
+    assert list(results.keys()) == [FP32_RUNNER, FLOAT64_RUNNER, BOUNDS_RUNNER]  # CATP: rank-count score bounds
+    assert len(results[FP32_RUNNER]) == len(results[FLOAT64_RUNNER]) == len(results[BOUNDS_RUNNER]) == len(feeds) > 4
+    bounds = results[BOUNDS_RUNNER]
+    assert set(bounds[0].keys()) == {LOWER, UPPER} and all(not it.keys() for it in list(bounds)[1:])  # visual only
+    assert bounds[0][LOWER].shape == results[FP32_RUNNER][0]["scores"].shape
+    assert (bounds[0][LOWER] <= results[FP32_RUNNER][0]["scores"] + 1e-3).all()
     graphs = []
     for feed, iteration in zip(feeds, results[FP32_RUNNER]):
         (graph,) = [name for name, spec in manifest.graphs.items()
@@ -147,6 +152,24 @@ def rewrite(saved, path, runners=(FP32_RUNNER, FLOAT64_RUNNER), shift: str | Non
         changed.append((runner, iterations))
     changed.save(str(path))
     return path
+
+
+def test_default_model_replay_judges_rank_counts_by_the_saved_bounds(tmp_path):
+    """The default model at ratio 0.5 has a near-tie its ONNX graph breaks the other way (a CATP score one vote off):
+    the full run passes it by the rank bounds, and so must the replay — by the bounds saved with the reference."""
+    from export.builder import BuildOptions, build
+    from export.defaults import DEFAULT_MODEL
+    from export.pruning import PruningConfig
+
+    engines = build(BuildOptions(model=DEFAULT_MODEL, out=tmp_path / "default-r0.5", pruning=PruningConfig(ratio=0.5)),
+                    REPO / "engines", quiet=True)
+    saved = tmp_path / "ref.json"
+    assert run_parity(engines, quiet=True, out_json=tmp_path / "parity.json", save_reference=saved)["passed"]
+    out = tmp_path / "replay.json"
+    result = replay(engines, saved, out)
+    assert result.returncode == 0, result.stderr
+    visual = json.loads(out.read_text())["stages"]["visual"]["calls"][0]
+    assert visual["scores"]["mode"] == "rank bounds" and visual["passed"]
 
 
 def test_a_corrupted_saved_tensor_fails_the_replay(engines, saved, tmp_path):

@@ -25,7 +25,8 @@ import numpy as np
 
 from runtime.errors import UsageError
 from runtime.parity import run_results
-from runtime.parity.compare import compare_kept_sets, judge, same_kept_rows
+from runtime.parity.compare import (compare_kept_sets, compare_kept_sets_with_bounds, compare_scores_to_bounds, judge,
+                                    same_kept_rows)
 from runtime.parity.report import check_report_path, show_summary, write_report
 from runtime.parity.stages import cast_feeds, open_engines, report_head, stderr_say
 from runtime.tolerance import Calibration
@@ -47,15 +48,23 @@ def replay_calibration(saved: run_results.SavedReference, precision: str, reques
 
 
 def judge_call(ref32: dict[str, np.ndarray], ref64: dict[str, np.ndarray] | None, actual: dict[str, np.ndarray],
-               calibration: Calibration, tol: dict[str, float]) -> dict[str, Any]:
-    """One call's verdict: every output by the criterion; a token selection's kept sets with near-ties allowed."""
+               calibration: Calibration, tol: dict[str, float], bounds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """One call's verdict: every output by the criterion; a token selection's kept sets with near-ties allowed, and
+    rank-count scores (CATP, trim-union) inside the saved bounds, as the full parity run judges them."""
     names = list(ref32)
     if not set(SELECTION) <= set(names):
         return judge(ref32, ref64, actual, names, calibration)
     rows = same_kept_rows(ref32["kept_indices"], actual["kept_indices"], ref64)
+    if bounds:
+        lower, upper = bounds[run_results.LOWER], bounds[run_results.UPPER]  # (B, N) each
+        scores = compare_scores_to_bounds(lower, upper, actual["scores"], tol["score_rtol"])
+        kept = compare_kept_sets_with_bounds(lower, upper, ref32["kept_indices"], actual["kept_indices"], tol["score_rtol"])
+    else:
+        scores = judge(ref32, ref64, actual, ["scores"], calibration)
+        kept = compare_kept_sets(ref32["scores"], ref32["kept_indices"], actual["kept_indices"], tol["score_rtol"])
     verdict = {
-        "scores": judge(ref32, ref64, actual, ["scores"], calibration),
-        "kept_indices": compare_kept_sets(ref32["scores"], ref32["kept_indices"], actual["kept_indices"], tol["score_rtol"]),
+        "scores": scores,
+        "kept_indices": kept,
         "tensors": judge(ref32, ref64, actual, [name for name in names if name not in SELECTION], calibration, rows),
     }
     verdict["passed"] = all(part["passed"] for part in verdict.values())
@@ -102,7 +111,8 @@ def replay_parity(
     for index, graph in enumerate(graphs):
         actual = runners[graph].run(cast_feeds(saved.feeds[index], manifest.graphs[graph]))
         ref64 = saved.float64[index] if chosen.mode == "float64" else None
-        verdicts[graph].append({"call": index, **judge_call(saved.fp32[index], ref64, actual, chosen, tol)})
+        bounds = saved.bounds[index] if saved.bounds is not None else None
+        verdicts[graph].append({"call": index, **judge_call(saved.fp32[index], ref64, actual, chosen, tol, bounds)})
     stages: dict[str, Any] = {"integrity": checked}
     for graph, calls in verdicts.items():
         stages[graph] = graph_stage(calls) if calls else {"passed": True, "skipped": "the saved reference never ran this graph"}

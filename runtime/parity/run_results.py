@@ -7,7 +7,10 @@ Files (``--save-reference REF.json``):
 - ``REF.json`` — the outputs, a Polygraphy ``RunResults`` (``polygraphy.comparator.RunResults.load``): one runner
   entry per reference, ``torch-fp32`` and, when parity ran with the float64 calibration, ``torch-float64``; each
   holds one ``IterationResult`` per graph call, in the order the reference pipeline made them, its tensors keyed by
-  the graph's output names (fp32 floats; float64 in ``torch-float64``; integers as the graphs return them).
+  the graph's output names (fp32 floats; float64 in ``torch-float64``; integers as the graphs return them);
+  ``torch-score-bounds`` for rank-count methods (CATP, trim-union): per call, ``scores.lower`` / ``scores.upper``
+  (B, N) — the scores reachable when near-tied attention probabilities rank either way — on the calls that select
+  tokens, nothing on the others (the bounds need the model, so a replay without torch reads them from here).
 - ``REF.inputs.json`` — the feeds of those calls, as ``polygraphy run --save-inputs`` writes them
   (``polygraphy.json.load_json``: a list of feed dicts, input name → array). Feeds are the reference's own: fp32
   floats whatever the graphs' precision (a replay casts them to the dtypes the manifest declares).
@@ -39,7 +42,8 @@ import numpy as np
 from runtime.errors import UsageError
 from runtime.files import parse_json, writing_atomically
 
-FP32_RUNNER, FLOAT64_RUNNER = "torch-fp32", "torch-float64"
+FP32_RUNNER, FLOAT64_RUNNER, BOUNDS_RUNNER = "torch-fp32", "torch-float64", "torch-score-bounds"
+LOWER, UPPER = "scores.lower", "scores.upper"  # a selection call's rank-count score bounds (BOUNDS_RUNNER)
 TYPE_MARKER = "polygraphy_class"
 INDENT = 4  # as Polygraphy writes them
 
@@ -135,12 +139,16 @@ def write_json(path: Path, document: Any) -> None:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def save_reference(path: Path, calls, float64: list[dict[str, np.ndarray]] | None) -> tuple[Path, Path]:
+def save_reference(path: Path, calls, float64: list[dict[str, np.ndarray]] | None,
+                   bounds: list[dict[str, np.ndarray]] | None = None) -> tuple[Path, Path]:
     """Write the reference's graph ``calls`` (each with ``feeds``, ``outputs``, ``seconds``) and, when given, the
-    float64 outputs of the same calls: the outputs to ``path``, the inputs beside it. Returns both paths."""
+    float64 outputs and the score bounds of the same calls: the outputs to ``path``, the inputs beside it. Returns
+    both paths."""
     runs = {FP32_RUNNER: [(call.outputs, call.seconds) for call in calls]}
     if float64 is not None:
         runs[FLOAT64_RUNNER] = [(outputs, None) for outputs in float64]
+    if bounds is not None:
+        runs[BOUNDS_RUNNER] = [(call_bounds, None) for call_bounds in bounds]
     write_json(path, run_results_document(runs))
     write_json(inputs_path(path), [call.feeds for call in calls])
     return path, inputs_path(path)
@@ -209,6 +217,7 @@ class SavedReference:
     feeds: list[dict[str, np.ndarray]]
     fp32: list[dict[str, np.ndarray]]
     float64: list[dict[str, np.ndarray]] | None
+    bounds: list[dict[str, np.ndarray]] | None = None  # per call: LOWER/UPPER on selection calls, else empty
 
 
 def load_saved_reference(outputs_path: str | Path, saved_inputs: str | Path | None = None) -> SavedReference:
@@ -219,8 +228,8 @@ def load_saved_reference(outputs_path: str | Path, saved_inputs: str | Path | No
     if FP32_RUNNER not in runs:
         raise UsageError(f"--reference-outputs {outputs_path}: no {FP32_RUNNER!r} runner (found: {', '.join(runs) or 'none'})")
     feeds = load_feeds(feeds_path)
-    counts = {name: len(iterations) for name, iterations in runs.items() if name in (FP32_RUNNER, FLOAT64_RUNNER)}
+    counts = {name: len(iterations) for name, iterations in runs.items() if name in (FP32_RUNNER, FLOAT64_RUNNER, BOUNDS_RUNNER)}
     if any(count != len(feeds) for count in counts.values()):
         raise UsageError(f"{feeds_path} holds {len(feeds)} feed dict(s) but {outputs_path} "
                          + ", ".join(f"{count} {name} iteration(s)" for name, count in counts.items()))
-    return SavedReference(outputs_path, feeds_path, feeds, runs[FP32_RUNNER], runs.get(FLOAT64_RUNNER))
+    return SavedReference(outputs_path, feeds_path, feeds, runs[FP32_RUNNER], runs.get(FLOAT64_RUNNER), runs.get(BOUNDS_RUNNER))

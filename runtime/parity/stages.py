@@ -279,7 +279,13 @@ def save_recorded_reference(context: ParityContext, path: Path) -> dict[str, str
     context.say(f"saving the reference's {len(calls)} graph calls")
     float64 = context.float64_outputs({index: (call.graph, call.feeds) for index, call in enumerate(calls)})
     saved_float64 = None if context.calibration.mode != "float64" else [float64[index] for index in range(len(calls))]
-    outputs, inputs = run_results.save_reference(path, calls, saved_float64)
+    bounds, any_bounds = [], False
+    for call in calls:  # rank-count methods: the score bounds of every call that selects tokens
+        selects = {"scores", "kept_indices"} <= set(call.outputs)
+        found = context.reference.score_bounds(call.feeds, tie_rtol=2 * context.tol["attention_rtol"]) if selects else None
+        bounds.append({} if found is None else {run_results.LOWER: found[0], run_results.UPPER: found[1]})
+        any_bounds = any_bounds or found is not None
+    outputs, inputs = run_results.save_reference(path, calls, saved_float64, bounds if any_bounds else None)
     return {"outputs": str(outputs), "inputs": str(inputs)}
 
 
