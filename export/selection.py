@@ -121,8 +121,9 @@ def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = keep_mask > 0.5
     slot = torch.cumsum(keep_mask, dim=1).long() - 1  # (B, N) place of each kept token among the kept
     slot = torch.where(keep, slot, torch.full_like(slot, k))  # dropped tokens go to a spare slot k
-    kept = torch.zeros(batch, k + 1, dtype=torch.long, device=scores.device)
-    kept = kept.scatter(1, slot, positions.unsqueeze(0).expand(batch, num_tokens))  # (B, k + 1)
+    # a (B, N) buffer, not (B, k + 1): TensorRT's ScatterElements wants the indices no larger than the data
+    kept = torch.zeros(batch, num_tokens, dtype=torch.long, device=scores.device)
+    kept = kept.scatter(1, slot, positions.unsqueeze(0).expand(batch, num_tokens))  # (B, N), slots ≥ k unused
     return kept[:, :k]
 
 
