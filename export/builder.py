@@ -18,7 +18,7 @@ from export import adapters, outdir, pruning
 from export.pruning import PruningConfig
 from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
 from runtime.contract import POSITION_POLICIES, ResolvedPruning
-from runtime.errors import UnsupportedError, UsageError
+from runtime.errors import UsageError
 from runtime.manifest import Manifest
 
 PRECISIONS = ("fp32", "fp16")
@@ -38,6 +38,8 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     external_data_threshold: int = TWO_GB
     force: bool = False  # replace an --out this project did not write
+    compute_capabilities: list[str] | None = None  # --backend trt with TensorRT for RTX: its targets
+    workspace_mib: int | None = None  # --backend trt: the builder's workspace limit
 
 
 def default_out(options: BuildOptions, engines_root: Path) -> Path:
@@ -56,11 +58,14 @@ def validate(options: BuildOptions) -> None:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
     if options.backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
-    if options.backend == "trt":
-        raise UnsupportedError(
-            "--backend trt: TensorRT engine building is not implemented yet (planned in its own issue); "
-            "build with --backend onnx and run the graphs with onnxruntime"
-        )
+    if options.backend == "trt":  # TensorRT present and the flags it takes valid, before anything is loaded
+        from runtime.backends.trt_build import compute_capabilities, tensorrt_module
+
+        compute_capabilities(tensorrt_module(), options.compute_capabilities)
+        if options.workspace_mib is not None and options.workspace_mib < 1:
+            raise UsageError(f"--workspace-mib must be at least 1, got {options.workspace_mib}")
+    elif options.compute_capabilities or options.workspace_mib is not None:
+        raise UsageError("--compute-capability and --workspace-mib are TensorRT options: add --backend trt")
     if options.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {options.max_batch}")
     if options.opset not in SUPPORTED_OPSETS:
@@ -148,7 +153,7 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
 
     outdir.recover(out)  # leftovers of killed builds into the same folder
     staging = outdir.make_staging(out)  # fails here, not after loading, when the folder cannot be created
-    progress = Progress(total=3 + 4, quiet=quiet)
+    progress = Progress(total=3 + 4 + (options.backend == "trt"), quiet=quiet)
     try:
         progress(f"loading {adapter_cls.name} checkpoint {options.model}")
         adapter = adapters.load(adapter_cls, options.model, options.precision)
@@ -158,8 +163,17 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
         for graph in adapter.graphs(resolved):
             progress(f"tracing {graph.name} graph")
             manifest.graphs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
+        dim_names = {dim for spec in manifest.graphs.values() for tensor in (*spec.inputs, *spec.outputs)
+                     for dim in tensor.shape if isinstance(dim, str)}
+        manifest.dynamic_dims = adapter.dynamic_dims(dim_names, options.max_batch)
         progress("writing preprocessing settings and manifest")
         manifest.write(staging)
+        if options.backend == "trt":  # plans built in the staging folder: a refused graph publishes nothing
+            from runtime.backends.trt_build import build_engines
+
+            progress("building TensorRT plans")
+            build_engines(staging, options.compute_capabilities, options.workspace_mib,
+                          say=(lambda message: None) if quiet else (lambda message: print(f"  {message}", file=sys.stderr)))
         outdir.publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

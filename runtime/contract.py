@@ -13,7 +13,7 @@ import math
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.errors import UsageError
 
@@ -182,6 +182,29 @@ class LanguageModelSchema(_Section):
     max_position_embeddings: PositiveInt
 
 
+def _ordered_range(value: list[int]) -> list[int]:
+    if not value[0] <= value[1] <= value[2]:
+        raise ValueError(f"expected min ≤ opt ≤ max, got {value}")
+    return value
+
+
+# a dynamic dimension's [min, opt, max]: what TensorRT's optimization profiles are built from
+DimRange = Annotated[list[PositiveInt], Field(min_length=3, max_length=3), AfterValidator(_ordered_range)]
+
+
+class PlanRecord(_Closed):
+    """A TensorRT plan built from one graph: where it is, what built it, for which GPUs, over which shapes."""
+
+    file: str
+    tensorrt: Literal["tensorrt", "tensorrt-rtx"]  # TensorRT 10/11, or TensorRT for RTX
+    version: str
+    compute_capabilities: list[str]  # TensorRT for RTX's targets ([]: its default set); [] for TensorRT proper
+    gpu: str | None = None  # TensorRT proper: the GPU it was built on (name, compute capability)
+    profile: dict[str, Annotated[list[list[NonNegativeInt]], Field(min_length=3, max_length=3)]]  # input → min/opt/max
+    build_seconds: Annotated[float, Field(ge=0)]
+    size_bytes: PositiveInt
+
+
 # the family-specific pruning settings a family's graphs were built with (the runtime and parity read them)
 FAMILY_PRUNING_FIELDS = {"blip2-opt": ("layer_weights",), "mllama": ("max_num_tiles", "tokens_per_tile")}
 
@@ -202,7 +225,9 @@ class ManifestSchema(_Closed):
     graphs: Annotated[dict[str, GraphSchema], Field(min_length=1)]
     max_batch: PositiveInt
     files: dict[str, Sha256]
-    backend: Literal["onnx"]
+    backend: Literal["onnx", "trt"]
+    dynamic_dims: dict[str, DimRange] | None = None  # every symbolic dimension of the graphs: [min, opt, max]
+    plans: dict[str, PlanRecord] | None = None  # graph → its TensorRT plan (runtime/build_engines.py)
 
     @field_validator("files")
     @classmethod
@@ -226,6 +251,10 @@ class ManifestSchema(_Closed):
         needed |= {f"graphs.{name}.external_data": graph.external_data for name, graph in self.graphs.items()
                    if graph.external_data is not None}
         needed["text.tokenizer"] = self.text.tokenizer
+        needed |= {f"plans.{name}.file": plan.file for name, plan in (self.plans or {}).items()}
+        for name in self.plans or {}:
+            if name not in self.graphs:
+                raise ValueError(f"plans.{name}: no graph of that name")
         for where, name in needed.items():
             if name not in self.files:
                 raise ValueError(f"{where} {name!r} is not listed with a sha256 in files")

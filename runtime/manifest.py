@@ -29,7 +29,7 @@ from runtime.contract import (
     ResolvedPruning, first_error,
 )
 from runtime.errors import ManifestError
-from runtime.files import parse_json
+from runtime.files import parse_json, write_atomically
 
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
 
@@ -88,6 +88,8 @@ class Manifest:
     schema: str = SCHEMA_NAME
     schema_version: int = SCHEMA_VERSION
     backend: str = "onnx"
+    dynamic_dims: dict[str, list[int]] | None = None  # symbolic dimension → [min, opt, max] (TensorRT profiles)
+    plans: dict[str, dict[str, Any]] | None = None  # graph → its TensorRT plan record
     root: Path | None = field(default=None, repr=False, compare=False)  # where files are read (pinned on load)
     folder: Path | None = field(default=None, repr=False, compare=False)  # the folder as the user named it
     _pinned_files: dict[str, int] | None = field(default=None, repr=False, compare=False)  # name -> open descriptor
@@ -109,7 +111,7 @@ class Manifest:
             if p.is_file() and p.name != MANIFEST_NAME
         }
         path = folder / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")  # a reader never sees half a manifest
         return path
 
     @classmethod

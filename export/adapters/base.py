@@ -240,6 +240,22 @@ class ModelAdapter(ABC):
         dtype = dtype or (torch.float16 if self.precision == "fp16" else torch.float32)
         return {graph.name: TorchRunner(graph, dtype) for graph in self.graphs(pruning)}
 
+    def dynamic_dims(self, dim_names: set[str], max_batch: int) -> dict[str, list[int]]:
+        """[min, opt, max] of every symbolic dimension of this family's graphs (TensorRT's optimization profiles,
+        recorded in the manifest). With L the language model's positions: ``batch`` 1…max_batch; ``past_len``, the
+        preallocated cache (prompt width + new tokens − 1, the longest row's limit at most), up to 2L — left padding
+        can push a batch's cache past L —; every other length (prompt, text, prefill) up to L."""
+        limit = int(self.language_model_settings()["max_position_embeddings"])
+        dims = {}
+        for name in sorted(dim_names):
+            if name == "batch":
+                dims[name] = [1, 1, max_batch]
+            elif name == "past_len":
+                dims[name] = [1, min(32, 2 * limit), 2 * limit]
+            else:
+                dims[name] = [1, min(16, limit), limit]
+        return dims
+
     def parameter_bytes(self) -> int:
         """Bytes of the model's parameters and buffers as loaded."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
