@@ -110,9 +110,9 @@ class Blip2Pipeline(BatchedPipeline):
         visual = self.visual(pixel_values)
         clock.lap("visual")
         batch = self.build_prefill(visual["query_embeds"], visual["kept_indices"], text_ids)
-        prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), max_new_tokens)
+        limits = self.row_limits(text_ids)  # (B,) tokens each row has room for: the cache needs no more
+        prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), min(max_new_tokens, int(limits.max())))
         clock.lap("prefill")
-        limits = self.row_limits(text_ids)
         generated = self.decode(prefill_out, cache, batch.next_position, max_new_tokens, limits)
         clock.lap("decode")
         timings = clock.summary()

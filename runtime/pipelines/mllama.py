@@ -182,9 +182,9 @@ class MllamaPipeline(BatchedPipeline):
         states = self.vision(pixels)
         clock.lap("visual")
         feeds = self.prefill_feeds(ids, states, pixels["aspect_ratio_mask"][:, 0].sum(axis=-1))
-        prefill_out, cache = prefill(self.runners["prefill"], feeds, max_new_tokens)
+        limits = self.row_limits(ids)  # (B,) tokens each row has room for: the cache needs no more
+        prefill_out, cache = prefill(self.runners["prefill"], feeds, min(max_new_tokens, int(limits.max())))
         clock.lap("prefill")
-        limits = self.row_limits(ids)
         next_position = feeds["position_ids"].max(axis=1) + 1
         generated = self.decode(prefill_out, cache, next_position, max_new_tokens, limits)
         clock.lap("decode")
