@@ -28,7 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LLaMA-3.2-Vision: also trim the first cross-attention layer's own keys/values (default: it keeps all)")
     parser.add_argument("--positions", default="original", help="original | compact (default original)")
     parser.add_argument("--precision", default="fp32", help="fp32 | fp16 (score math stays fp32)")
-    parser.add_argument("--backend", default="onnx", help="onnx (trt: not yet)")
+    parser.add_argument("--backend", default="onnx",
+                        help="onnx (ONNX graphs) | trt (the graphs + a TensorRT plan each: runtime/build_engines.py)")
+    parser.add_argument("--compute-capability", action="append", default=None, metavar="SMxx",
+                        help="--backend trt with TensorRT for RTX: target (repeatable; default: its portable set)")
+    parser.add_argument("--workspace-mib", type=int, default=None, help="--backend trt: builder workspace limit")
     parser.add_argument("--prompt-template", default=None, help="prompt with {} for the question (default: the model family's, e.g. 'Question: {} Answer:')")
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime sends at once (default 8)")
     parser.add_argument("--opset", type=int, default=17)
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             external_data_threshold=args.external_data_threshold if args.external_data_threshold is not None else TWO_GB,
             force=args.force,
+            compute_capabilities=args.compute_capability,
+            workspace_mib=args.workspace_mib,
         )
         validate(options)  # bad flags fail before anything is loaded or written
         options.model = resolve_model(options.model)

@@ -124,7 +124,7 @@ DISTRIBUTIONS = {"PIL": "pillow"}
 OPTIONAL_IN_RUNTIME = {
     "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
     "tensorrt": {"tensorrt"},
-    "tensorrt_rtx": {"tensorrt-rtx"},
+    "tensorrt_rtx": {"tensorrt-rtx", "tensorrt-rtx-cu13"},
     "cuda": {"cuda-python"},
     "cupy": {"cupy", "cupy-cuda12x", "cupy-cuda11x"},
     "polygraphy": {"polygraphy"},

@@ -13,10 +13,13 @@ from runtime.manifest import Manifest
 __all__ = ["BACKENDS", "Backend", "Runner", "load_runners", "resolve_backend"]
 
 
-def resolve_backend(name: str) -> str:
-    """``auto`` → ``ort-cuda`` when the CUDA provider exists, else ``ort-cpu``; a named backend this machine cannot
-    run is one line now, not after the inputs were read."""
+def resolve_backend(name: str, manifest: Manifest | None = None) -> str:
+    """``auto`` → ``trt`` when the manifest has plans and a GPU is usable, else ``ort-cuda`` when the CUDA provider
+    exists, else ``ort-cpu``; a named backend this machine cannot run is one line now, not after the inputs were
+    read."""
     if name == "auto":
+        if manifest is not None and trt.has_plans_and_gpu(manifest):
+            return "trt"
         return "ort-cuda" if ort.has_cuda_provider() else "ort-cpu"
     if name not in BACKENDS:
         raise UsageError(f"unknown --backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -26,5 +29,5 @@ def resolve_backend(name: str) -> str:
 
 def load_runners(manifest: Manifest, backend: str) -> dict[str, Runner]:
     """One runner per graph of the manifest."""
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, manifest)
     return {graph: BACKENDS[backend].load(manifest, graph) for graph in manifest.graphs}

@@ -1,16 +1,139 @@
-"""TensorRT backend (``trt``): engines are not built by this version yet, so the backend says so in one line."""
+"""TensorRT backend (``trt``): the engines folder's plans (``runtime/build_engines.py``) run on the GPU, no torch.
+
+One deserialized engine and one execution context per graph, one CUDA stream, device buffers kept per tensor and
+grown when a call needs more; every call sets the inputs' shapes (within the plan's profile), copies the feeds to
+the device, enqueues, and copies the outputs back. CUDA through cuda-python (``cuda.bindings.runtime``).
+
+Refused in one line (exit 2), before any input is read: no TensorRT, no cuda-python, no usable GPU (this project's
+CI machines have none: a plan deserialises only where a GPU and driver are); at load: a folder without plans, or
+a plan TensorRT for RTX says is not valid on this GPU (``get_engine_validity``).
+
+Not executed on this project's machines (no GPU with TensorRT was available): ``TrtRunner.run``. The device-resident
+KV cache (binding the cache's device buffers once and writing each step's keys/values on the device) is not here
+yet: decode steps copy the cache like any host feed.
+"""
 from __future__ import annotations
 
+import numpy as np
+
 from runtime.backends.base import Runner, register
-from runtime.errors import UnsupportedError
+from runtime.backends.trt_build import ErrorLogger, tensorrt_module
+from runtime.errors import BackendError, UnsupportedError, UsageError
 from runtime.manifest import Manifest
 
 
-def require_engines() -> None:
-    raise UnsupportedError("backend trt: TensorRT engines are not built by this version yet (use ort-cpu or ort-cuda)")
+def cuda_runtime():
+    """cuda-python's runtime API module."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python before 12.6
+        except ImportError:
+            raise UnsupportedError("backend trt: cuda-python is not installed (pip install '.[trt-rtx]' or '.[trt]')") from None
+    return cudart
 
 
-@register("trt", check=require_engines)
+def check(cudart, result, what: str):
+    """cuda-python returns (error, *values): the values, or one line naming the call and the error."""
+    error, *values = result
+    if int(error) != 0:
+        raise BackendError(f"CUDA {what} failed: {getattr(error, 'name', error)}")
+    return values[0] if len(values) == 1 else values
+
+
+def require_gpu() -> None:
+    """TensorRT and a CUDA device this process can use, or one line saying what is missing."""
+    tensorrt_module()
+    cudart = cuda_runtime()
+    error, count = cudart.cudaGetDeviceCount()
+    if int(error) != 0 or count < 1:
+        why = getattr(error, "name", str(error)) if int(error) != 0 else "no CUDA device"
+        raise UnsupportedError(f"backend trt: running TensorRT plans needs an NVIDIA GPU and its driver ({why}); "
+                               "the plans and ONNX graphs stay usable: --backend ort-cpu runs the graphs here")
+
+
+class TrtRunner:
+    """One plan: ``run(feeds) → outputs`` with host numpy arrays, through device buffers."""
+
+    def __init__(self, manifest: Manifest, graph: str):
+        if not manifest.plans or graph not in manifest.plans:
+            raise UsageError(f"{manifest.folder}: no TensorRT plan for graph {graph!r}; build them with "
+                             f"python runtime/build_engines.py --engines {manifest.folder}")
+        self.trt, self.cudart, self.graph = tensorrt_module(), cuda_runtime(), graph
+        module = self.trt.module
+        record = manifest.plans[graph]
+        plan = manifest.path(record["file"]).read_bytes()
+        logger = ErrorLogger(self.trt)
+        runtime = module.Runtime(logger)
+        if hasattr(runtime, "get_engine_validity"):  # TensorRT for RTX: built for this GPU and version?
+            validity = runtime.get_engine_validity(plan)
+            validity = validity[0] if isinstance(validity, tuple) else validity
+            if validity != module.EngineValidity.VALID:
+                raise UsageError(f"plan {record['file']} is not valid here ({validity.name}): built by "
+                                 f"{record['tensorrt']} {record['version']} for {record['compute_capabilities'] or 'its default set'}; "
+                                 "rebuild it with runtime/build_engines.py on this machine")
+        self.engine = runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            why = logger.errors[-1].splitlines()[0] if logger.errors else "no message"
+            raise BackendError(f"TensorRT could not load plan {record['file']}: {why}")
+        self.context = self.engine.create_execution_context()
+        self.stream = check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {name: self.engine.get_tensor_mode(name) == module.TensorIOMode.INPUT for name in names}
+        self.input_names = [name for name in names if is_input[name]]
+        self.output_names = [name for name in names if not is_input[name]]
+        self.dtypes = {name: np.dtype(module.nptype(self.engine.get_tensor_dtype(name))) for name in names}
+        self.buffers: dict[str, tuple[int, int]] = {}  # name → (device pointer, bytes)
+
+    def _device(self, name: str, nbytes: int) -> int:
+        pointer, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if pointer:
+                check(self.cudart, (self.cudart.cudaFree(pointer)[0], None), "cudaFree")
+            pointer = check(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
+            self.buffers[name] = (pointer, nbytes)
+        return pointer
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
+        for name in self.input_names:
+            array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            if not self.context.set_input_shape(name, array.shape):
+                raise BackendError(f"plan {self.graph}: input {name} shape {list(array.shape)} is outside its profile")
+            pointer = self._device(name, array.nbytes)
+            check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
+                                                  kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
+            self.context.set_tensor_address(name, pointer)
+        outputs: dict[str, np.ndarray] = {}
+        for name in self.output_names:
+            outputs[name] = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
+            self.context.set_tensor_address(name, self._device(name, outputs[name].nbytes))
+        if not self.context.execute_async_v3(self.stream):
+            raise BackendError(f"TensorRT failed to run plan {self.graph}")
+        for name, array in outputs.items():
+            check(cudart, (cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name][0], array.nbytes,
+                                                  kind.cudaMemcpyDeviceToHost, self.stream)[0], None), "cudaMemcpyAsync")
+        check(cudart, (cudart.cudaStreamSynchronize(self.stream)[0], None), "cudaStreamSynchronize")
+        return outputs
+
+    def __del__(self) -> None:
+        for pointer, _ in getattr(self, "buffers", {}).values():
+            self.cudart.cudaFree(pointer)
+
+
+@register("trt", check=require_gpu)
 def engine_runner(manifest: Manifest, graph: str) -> Runner:
-    require_engines()
-    raise UnsupportedError("backend trt: unavailable")
+    return TrtRunner(manifest, graph)
+
+
+def has_plans_and_gpu(manifest: Manifest | None = None) -> bool:
+    """For ``--backend auto``: plans exist and a GPU is usable (quietly False otherwise)."""
+    if manifest is not None and not manifest.plans:
+        return False
+    try:
+        require_gpu()
+    except (UnsupportedError, BackendError):
+        return False
+    return True
+

@@ -1,0 +1,166 @@
+"""TensorRT plans, built for real: TensorRT for RTX's builder parses and builds every graph on this CPU machine (no
+GPU needed to build), records them in the manifest, refuses an unbuildable graph naming its node and op, and the
+``trt`` backend says in one line that running plans needs a GPU. Skipped where no TensorRT is installed."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import REPO, run_cli
+
+SAMPLE = REPO / "samples" / "easyvqa-test-0.png"
+
+
+def _tensorrt():
+    from runtime.backends.trt_build import tensorrt_module
+    from runtime.errors import UnsupportedError
+
+    try:
+        return tensorrt_module()
+    except UnsupportedError:
+        return None
+
+
+pytestmark = [pytest.mark.trt, pytest.mark.skipif(_tensorrt() is None, reason="needs TensorRT (pip install '.[trt-rtx]')")]
+
+
+def _has_gpu() -> bool:
+    from runtime.backends.trt import has_plans_and_gpu
+
+    return has_plans_and_gpu()
+
+
+def check_plans(folder, graphs):
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.load(folder)  # every plan listed with its sha256, and it matches
+    assert manifest.backend == "trt" and set(manifest.plans) == set(graphs) == set(manifest.graphs)
+    trt = _tensorrt()
+    for graph, record in manifest.plans.items():
+        assert record["file"] == f"{graph}.plan" and record["size_bytes"] == (folder / record["file"]).stat().st_size > 0
+        assert record["tensorrt"] == trt.flavour and record["version"] == trt.version
+        assert set(record["profile"]) == {t.name for t in manifest.graphs[graph].inputs}
+    return manifest
+
+
+def test_blip2_plans_for_every_graph(engines, tmp_path):
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    result = run_cli("runtime/build_engines.py", "--engines", folder, check=True)
+    assert result.stdout.strip() == str(folder)
+    manifest = check_plans(folder, ["visual", "embed", "prefill", "decode"])
+    batch = manifest.plans["visual"]["profile"]["pixel_values"]
+    assert [shape[0] for shape in batch] == [1, 1, manifest.max_batch]  # min / opt / max batch from dynamic_dims
+    assert [shape[2] for shape in manifest.plans["decode"]["profile"]["past.0.key"]] == manifest.dynamic_dims["past_len"]
+    # the ONNX graphs stay usable, and the trt backend is one line where no GPU is
+    answer = run_cli("runtime/infer.py", "--engines", folder, "--image", SAMPLE, "--question", "what shape?", "--backend", "ort-cpu")
+    assert answer.returncode == 0 and answer.stdout.strip()
+    if not _has_gpu():
+        refused = run_cli("runtime/infer.py", "--engines", folder, "--image", SAMPLE, "--question", "q", "--backend", "trt")
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "needs an NVIDIA GPU" in lines[0], refused.stderr
+        auto = run_cli("runtime/infer.py", "--engines", folder, "--image", SAMPLE, "--question", "what shape?")
+        assert auto.returncode == 0 and auto.stdout == answer.stdout  # auto falls back to ONNX Runtime
+
+
+def test_unbuildable_graph_names_node_and_op(tmp_path):
+    from runtime.backends.trt_build import build_plan
+    from runtime.errors import BackendError
+
+    mystery = helper.make_node("Mystery", ["x"], ["y"], name="bad_node", domain="com.example")
+    graph = helper.make_graph([mystery], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(BackendError) as caught:
+        build_plan(_tensorrt(), path, {"x": ([1, 4], [1, 4], [1, 4])}, None, [], "bad")
+    message = str(caught.value)
+    assert "bad_node" in message and "Mystery" in message and "\n" not in message, message
+
+
+def test_build_with_backend_trt_and_refusals(tiny_blip2, tmp_path):
+    out = tmp_path / "built"
+    result = run_cli("export/build.py", "--model", tiny_blip2, "--ratio", "0.5", "--backend", "trt", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    check_plans(out, ["visual", "embed", "prefill", "decode"])
+    # a TensorRT for RTX target it does not know; TensorRT flags without --backend trt
+    bad = run_cli("export/build.py", "--model", tiny_blip2, "--backend", "trt", "--compute-capability", "SM90",
+                  "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "SM90" in bad.stderr and not (tmp_path / "x").exists()
+    bad = run_cli("export/build.py", "--model", tiny_blip2, "--workspace-mib", "64", "--out", tmp_path / "y")
+    assert bad.returncode == 2 and "--backend trt" in bad.stderr and not (tmp_path / "y").exists()
+
+
+def test_without_tensorrt_it_is_one_line_and_nothing_is_written(tiny_blip2, engines, tmp_path):
+    blocked = "import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "
+    out = tmp_path / "never"
+    build = subprocess.run([sys.executable, "-c", blocked + "from export.build import main; sys.exit(main(sys.argv[1:]))",
+                            "--model", str(tiny_blip2), "--backend", "trt", "--out", str(out)],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert build.returncode == 2 and len(build.stderr.strip().splitlines()) == 1, build.stderr
+    assert "TensorRT is not installed" in build.stderr and "trt-rtx" in build.stderr and not out.exists()
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    before = (folder / "manifest.json").read_text()
+    plans = subprocess.run([sys.executable, "-c", blocked + "from runtime.build_engines import main; sys.exit(main(sys.argv[1:]))",
+                            "--engines", str(folder)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert plans.returncode == 2 and "TensorRT is not installed" in plans.stderr
+    assert (folder / "manifest.json").read_text() == before and not list(folder.glob("*.plan"))
+
+
+def test_mllama_plans_for_every_graph(tmp_path):
+    from export.tiny import make_tiny_mllama
+
+    model = make_tiny_mllama(tmp_path / "tiny-mllama")
+    out = tmp_path / "engines"
+    run_cli("export/build.py", "--model", model, "--ratio", "0.5", "--backend", "trt", "--out", out, "--quiet", check=True)
+    manifest = check_plans(out, ["vision", "prefill", "decode"])
+    assert json.loads((out / "manifest.json").read_text())["plans"]["prefill"]["size_bytes"] > 0
+    assert manifest.dynamic_dims["prompt_len"][2] == manifest.language_model["max_position_embeddings"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("method", ["catp", "l2", "self-attn", "random", "first-k"])
+def test_blip2_every_method_ratio_and_precision_builds(engines_factory, tmp_path, method, ratio, precision):
+    folder = tmp_path / "engines"
+    shutil.copytree(engines_factory(method=method, ratio=ratio, precision=precision), folder)
+    run_cli("runtime/build_engines.py", "--engines", folder, "--quiet", check=True)
+    check_plans(folder, ["visual", "embed", "prefill", "decode"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("method,ratio", [("trim-sum", 0.0), ("trim-sum", 0.5), ("trim-sum", 0.9), ("trim-union", 0.5)])
+def test_mllama_methods_ratios_and_precisions_build(tmp_path_factory, method, ratio, precision):
+    from export.tiny import make_tiny_mllama
+
+    root = tmp_path_factory.mktemp("mllama-trt")
+    model = make_tiny_mllama(root / "tiny-mllama")
+    out = root / "engines"
+    run_cli("export/build.py", "--model", model, "--method", method, "--ratio", str(ratio), "--precision", precision,
+            "--backend", "trt", "--out", out, "--quiet", check=True)
+    check_plans(out, ["vision", "prefill", "decode"])
+
+
+@pytest.mark.slow
+def test_mllama_real_token_count_builds(tmp_path):
+    """N = 4 tiles × 1601 = 6404 (560 px, patch 14), tiny widths: the vision and scoring graphs at the real token
+    count, k = 3202 (TopK on min(k, N − k) ≤ 3840, TensorRT's limit)."""
+    from export.tiny import TinyMllamaSpec, make_tiny_mllama
+
+    model = make_tiny_mllama(tmp_path / "large-n", TinyMllamaSpec(image_size=560, vision_hidden=16, vision_heads=2,
+                                                                  text_hidden=32, text_layers=3, cross_attention_layers=(1, 2),
+                                                                  text_heads=2, text_kv_heads=1))
+    out = tmp_path / "engines"
+    run_cli("export/build.py", "--model", model, "--ratio", "0.5", "--backend", "trt", "--out", out, "--quiet", check=True)
+    manifest = check_plans(out, ["vision", "prefill", "decode"])
+    assert manifest.pruning.num_visual_tokens == 6404 and manifest.pruning.k == 3202
