@@ -26,14 +26,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="TensorRT for RTX target (repeatable; default: its own portable set)")
     parser.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit (default: TensorRT's)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print the equivalent trtexec and polygraphy command lines per graph (profile shapes from "
+                             "the manifest) and build nothing")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli_errors("build_engines.py"):
-        from runtime.backends.trt_build import build_engines
+        from runtime.backends.trt_build import build_engines, hand_commands
 
+        if args.print_commands:
+            from runtime.manifest import Manifest
+
+            for line in hand_commands(Manifest.load(args.engines)):
+                emit(line)
+            return 0
         say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
         build_engines(args.engines, args.compute_capability, args.workspace_mib, say)
         emit(str(args.engines))

@@ -58,6 +58,12 @@ def test_blip2_plans_for_every_graph(engines, tmp_path):
     batch = manifest.plans["visual"]["profile"]["pixel_values"]
     assert [shape[0] for shape in batch] == [1, 1, manifest.max_batch]  # min / opt / max batch from dynamic_dims
     assert [shape[2] for shape in manifest.plans["decode"]["profile"]["past.0.key"]] == manifest.dynamic_dims["past_len"]
+    commands = run_cli("runtime/build_engines.py", "--engines", folder, "--print-commands", check=True).stdout.splitlines()
+    assert commands[:2] == ["# visual", "trtexec --onnx=visual.onnx --saveEngine=visual.plan --stronglyTyped "
+                            f"--minShapes=pixel_values:1x3x{batch[0][2]}x{batch[0][3]} "
+                            f"--optShapes=pixel_values:1x3x{batch[1][2]}x{batch[1][3]} "
+                            f"--maxShapes=pixel_values:{manifest.max_batch}x3x{batch[2][2]}x{batch[2][3]}"]
+    assert len(commands) == 3 * 4 and all(line.startswith("polygraphy run ") for line in commands[2::3])
     # the ONNX graphs stay usable, and the trt backend is one line where no GPU is
     answer = run_cli("runtime/infer.py", "--engines", folder, "--image", SAMPLE, "--question", "what shape?", "--backend", "ort-cpu")
     assert answer.returncode == 0 and answer.stdout.strip()

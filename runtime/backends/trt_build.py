@@ -186,3 +186,26 @@ def build_engines(folder: str | Path, capability_names: list[str] | None = None,
             path.unlink(missing_ok=True)
         raise
     return records
+
+
+def _shape_flag(profile: dict, which: int, sep: str, fmt) -> str:
+    return sep.join(f"{name}:{fmt(shapes[which])}" for name, shapes in profile.items())
+
+
+def hand_commands(manifest) -> list[str]:
+    """For people who build by hand: per graph, the ``trtexec`` (TensorRT; ``tensorrt_rtx`` takes the same shape
+    flags) and ``polygraphy run --trt --onnxrt`` command lines with the manifest's profile shapes."""
+    lines = []
+    for graph, spec in manifest.graphs.items():
+        profile = optimization_profile(spec, manifest.dynamic_dims or {})
+        dims = lambda shape: "x".join(map(str, shape))  # noqa: E731
+        lists = lambda shape: "[" + ",".join(map(str, shape)) + "]"  # noqa: E731
+        lines.append(f"# {graph}")
+        lines.append(f"trtexec --onnx={spec.file} --saveEngine={graph}.plan --stronglyTyped "
+                     + " ".join(f"--{kind}Shapes={_shape_flag(profile, i, ',', dims)}"
+                                for i, kind in enumerate(("min", "opt", "max"))))
+        lines.append(f"polygraphy run {spec.file} --trt --onnxrt --strongly-typed "
+                     + " ".join(f"--trt-{kind}-shapes {_shape_flag(profile, i, ' ', lists)}"
+                                for i, kind in enumerate(("min", "opt", "max")))
+                     + " --input-shapes " + _shape_flag(profile, 1, " ", lists))
+    return lines
