@@ -75,6 +75,17 @@ def test_blip2_plans_for_every_graph(engines, tmp_path):
         assert auto.returncode == 0 and auto.stdout == answer.stdout  # auto falls back to ONNX Runtime
 
 
+def test_plan_from_another_tensorrt_is_refused_in_one_line():
+    from runtime.backends.trt import check_plan_record
+    from runtime.errors import UsageError
+
+    trt = _tensorrt()
+    record = {"file": "visual.plan", "tensorrt": trt.flavour, "version": trt.version}
+    check_plan_record(record, trt)
+    with pytest.raises(UsageError, match=r"built by .* 0\.0\.1 and this machine has .*rebuild the plans here"):
+        check_plan_record({**record, "version": "0.0.1"}, trt)
+
+
 def test_unbuildable_graph_names_node_and_op(tmp_path):
     from runtime.backends.trt_build import build_plan
     from runtime.errors import BackendError

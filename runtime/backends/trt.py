@@ -53,6 +53,13 @@ def require_gpu() -> None:
                                "the plans and ONNX graphs stay usable: --backend ort-cpu runs the graphs here")
 
 
+def check_plan_record(record: dict, trt) -> None:
+    """A plan runs only under the TensorRT flavour and version that built it: one line otherwise."""
+    if (record["tensorrt"], record["version"]) != (trt.flavour, trt.version):
+        raise UsageError(f"plan {record['file']} was built by {record['tensorrt']} {record['version']} and this machine "
+                         f"has {trt.flavour} {trt.version}; rebuild the plans here with runtime/build_engines.py")
+
+
 class TrtRunner:
     """One plan: ``run(feeds) → outputs`` with host numpy arrays, through device buffers."""
 
@@ -63,6 +70,7 @@ class TrtRunner:
         self.trt, self.cudart, self.graph = tensorrt_module(), cuda_runtime(), graph
         module = self.trt.module
         record = manifest.plans[graph]
+        check_plan_record(record, self.trt)
         plan = manifest.path(record["file"]).read_bytes()
         logger = ErrorLogger(self.trt)
         runtime = module.Runtime(logger)

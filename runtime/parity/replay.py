@@ -95,7 +95,7 @@ def replay_parity(
     from runtime.backends import load_runners
 
     say = stderr_say(quiet)
-    manifest, checked, tol = open_engines(engines, calibration)
+    manifest, checked, tol = open_engines(engines, calibration, backend)
     out_path = check_report_path(out_json, engines)
     saved = run_results.load_saved_reference(reference_outputs, reference_inputs)
     signatures = run_results.graph_signatures(manifest)

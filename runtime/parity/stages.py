@@ -292,15 +292,20 @@ def save_recorded_reference(context: ParityContext, path: Path) -> dict[str, str
 # ------------------------------------------------------------------------------------------------- run
 
 
-def open_engines(engines: str | Path, calibration: str):
-    """What every parity run starts with: the flag checked, the manifest loaded, every file's sha256 checked →
-    (manifest, the integrity stage, the precision's tolerances)."""
+def open_engines(engines: str | Path, calibration: str, backend: str | None = None):
+    """What every parity run starts with: the flag checked, the manifest loaded, every file's sha256 checked, the
+    backend able to run here (one line now, before the reference loads) → (manifest, the integrity stage, the
+    precision's tolerances)."""
+    from runtime.backends import resolve_backend
     from runtime.manifest import Manifest
 
     if calibration not in CALIBRATIONS:
         raise UsageError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     manifest = Manifest.load(engines, verify=False)
-    return manifest, integrity(manifest), TOLERANCES[manifest.precision]
+    checked = integrity(manifest)
+    if backend is not None:
+        resolve_backend(backend, manifest)
+    return manifest, checked, TOLERANCES[manifest.precision]
 
 
 def report_head(engines, backend: str, manifest, tol: dict, chosen: Calibration) -> dict[str, Any]:
@@ -330,7 +335,7 @@ def run_parity(
     from runtime.parity import run_results
 
     say = stderr_say(quiet)
-    manifest, checked, tol = open_engines(engines, calibration)
+    manifest, checked, tol = open_engines(engines, calibration, backend)
     questions = list(questions or DEFAULT_QUESTIONS)
     images = images if images is not None else default_images(len(questions))
     if len(images) != len(questions):
