@@ -75,9 +75,9 @@ class TrtRunner:
         logger = ErrorLogger(self.trt)
         runtime = module.Runtime(logger)
         if hasattr(runtime, "get_engine_validity"):  # TensorRT for RTX: built for this GPU and version?
-            validity = runtime.get_engine_validity(plan)
+            validity = runtime.get_engine_validity(plan)  # (validity, diagnostics)
             validity = validity[0] if isinstance(validity, tuple) else validity
-            if validity != module.EngineValidity.VALID:
+            if validity == module.EngineValidity.INVALID:  # SUBOPTIMAL runs (not tuned for this GPU)
                 raise UsageError(f"plan {record['file']} is not valid here ({validity.name}): built by "
                                  f"{record['tensorrt']} {record['version']} for {record['compute_capabilities'] or 'its default set'}; "
                                  "rebuild it with runtime/build_engines.py on this machine")
@@ -117,7 +117,7 @@ class TrtRunner:
         for name in self.output_names:
             outputs[name] = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
             self.context.set_tensor_address(name, self._device(name, outputs[name].nbytes))
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):
             raise BackendError(f"TensorRT failed to run plan {self.graph}")
         for name, array in outputs.items():
             check(cudart, (cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name][0], array.nbytes,
