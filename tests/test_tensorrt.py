@@ -181,3 +181,137 @@ def test_mllama_real_token_count_builds(tmp_path):
     run_cli("export/build.py", "--model", model, "--ratio", "0.5", "--backend", "trt", "--out", out, "--quiet", check=True)
     manifest = check_plans(out, ["vision", "prefill", "decode"])
     assert manifest.pruning.num_visual_tokens == 6404 and manifest.pruning.k == 3202
+
+
+# ------------------------------------------------------------------------------------------------ simulated device
+
+
+class _HostMemoryCuda:
+    """cuda-python's runtime API over host memory: "device" pointers are addresses of numpy buffers, copies are
+    memmoves. It lets TrtRunner's own code — shapes, buffer sizes and reuse, copies, dtypes — run without a GPU."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.buffers, self.mallocs = {}, 0
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaMalloc(self, size):
+        import numpy as np
+
+        buffer = np.zeros(size, np.uint8)
+        self.buffers[buffer.ctypes.data] = buffer
+        self.mallocs += 1
+        return 0, buffer.ctypes.data
+
+    def cudaFree(self, pointer):
+        self.buffers.pop(pointer, None)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, count)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+
+class _OnnxEngine:
+    """A TensorRT engine's Python surface over the graph's ONNX Runtime session (names, modes, dtypes; a context
+    whose outputs come from ORT at the input shapes set)."""
+
+    def __init__(self, path, trt_module):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.trt = trt_module
+        kinds = {"tensor(float)": trt_module.DataType.FLOAT, "tensor(float16)": trt_module.DataType.HALF,
+                 "tensor(int64)": trt_module.DataType.INT64}
+        self.tensors = [(t.name, trt_module.TensorIOMode.INPUT, kinds[t.type]) for t in self.session.get_inputs()]
+        self.tensors += [(t.name, trt_module.TensorIOMode.OUTPUT, kinds[t.type]) for t in self.session.get_outputs()]
+        self.num_io_tensors = len(self.tensors)
+
+    def get_tensor_name(self, index):
+        return self.tensors[index][0]
+
+    def get_tensor_mode(self, name):
+        return next(mode for n, mode, _ in self.tensors if n == name)
+
+    def get_tensor_dtype(self, name):
+        return next(dtype for n, _, dtype in self.tensors if n == name)
+
+    def create_execution_context(self):
+        return _OnnxContext(self)
+
+
+class _OnnxContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.outputs = engine, {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name], self.outputs = tuple(shape), None
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def _array(self, name):
+        import ctypes
+
+        import numpy as np
+
+        dtype = np.dtype(self.engine.trt.nptype(self.engine.get_tensor_dtype(name)))
+        size = int(np.prod(self.shapes[name])) * dtype.itemsize
+        raw = (ctypes.c_uint8 * size).from_address(self.addresses[name])
+        return np.frombuffer(raw, dtype=dtype).reshape(self.shapes[name]).copy()
+
+    def get_tensor_shape(self, name):
+        if self.outputs is None:  # TensorRT infers output shapes from the input shapes; ORT runs to know them
+            feeds = {t.name: self._array(t.name) for t in self.engine.session.get_inputs()}
+            self.outputs = dict(zip([o.name for o in self.engine.session.get_outputs()], self.engine.session.run(None, feeds)))
+        return self.outputs[name].shape
+
+    def execute_async_v3(self, stream):
+        import ctypes
+
+        feeds = {t.name: self._array(t.name) for t in self.engine.session.get_inputs()}
+        outputs = self.engine.session.run(None, feeds)
+        for meta, array in zip(self.engine.session.get_outputs(), outputs):
+            ctypes.memmove(self.addresses[meta.name], array.ctypes.data, array.nbytes)
+        return isinstance(stream, int)
+
+
+def test_trt_runner_code_on_a_simulated_device(engines, tmp_path, monkeypatch):
+    """TrtRunner's own code end to end — record checks, buffers grown and reused, host↔device copies, dtypes, shapes
+    per call — with cuda-python replaced by host memory and each engine by its graph in ONNX Runtime: the answers
+    equal ONNX Runtime's. TensorRT's and CUDA's own behaviour is not what this checks (no GPU here)."""
+    import runtime.backends.trt as trt_backend
+    from runtime.backends import load_runners
+    from runtime.manifest import Manifest
+    from runtime.pipelines import make_pipeline
+    from PIL import Image
+
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    run_cli("runtime/build_engines.py", "--engines", folder, "--quiet", check=True)
+    manifest = Manifest.load(folder)
+    cuda = _HostMemoryCuda()
+    monkeypatch.setattr(trt_backend, "cuda_runtime", lambda: cuda)
+    monkeypatch.setattr(trt_backend.TrtRunner, "invalid", lambda self, runtime, plan: False)
+    monkeypatch.setattr(trt_backend.TrtRunner, "deserialize",
+                        lambda self, runtime, plan: _OnnxEngine(manifest.graph_path(self.graph), self.trt.module))
+    runners = {graph: trt_backend.TrtRunner(manifest, graph) for graph in manifest.graphs}
+    images = [Image.open(SAMPLE), Image.open(SAMPLE).rotate(90)]
+    questions = ["what shape is it?", "what color?"]
+    simulated = make_pipeline(manifest, runners).answer(images, questions, max_new_tokens=6)
+    reference = make_pipeline(manifest, load_runners(manifest, "ort-cpu")).answer(images, questions, max_new_tokens=6)
+    assert [a.token_ids for a in simulated] == [a.token_ids for a in reference]
+    assert [a.kept_indices for a in simulated] == [a.kept_indices for a in reference]
+    decode = runners["decode"]
+    assert set(decode.buffers) == set(decode.input_names) | set(decode.output_names)  # one buffer per tensor, reused
+    assert cuda.mallocs < 3 * sum(len(r.buffers) for r in runners.values())  # grown rarely, not per call

@@ -74,14 +74,11 @@ class TrtRunner:
         plan = manifest.path(record["file"]).read_bytes()
         logger = ErrorLogger(self.trt)
         runtime = module.Runtime(logger)
-        if hasattr(runtime, "get_engine_validity"):  # TensorRT for RTX: built for this GPU and version?
-            validity = runtime.get_engine_validity(plan)  # (validity, diagnostics)
-            validity = validity[0] if isinstance(validity, tuple) else validity
-            if validity == module.EngineValidity.INVALID:  # SUBOPTIMAL runs (not tuned for this GPU)
-                raise UsageError(f"plan {record['file']} is not valid here ({validity.name}): built by "
-                                 f"{record['tensorrt']} {record['version']} for {record['compute_capabilities'] or 'its default set'}; "
-                                 "rebuild it with runtime/build_engines.py on this machine")
-        self.engine = runtime.deserialize_cuda_engine(plan)
+        if self.invalid(runtime, plan):
+            raise UsageError(f"plan {record['file']} is not valid on this GPU: built by {record['tensorrt']} "
+                             f"{record['version']} for {record['compute_capabilities'] or 'its default set'}; "
+                             "rebuild it with runtime/build_engines.py on this machine")
+        self.engine = self.deserialize(runtime, plan)
         if self.engine is None:
             why = logger.errors[-1].splitlines()[0] if logger.errors else "no message"
             raise BackendError(f"TensorRT could not load plan {record['file']}: {why}")
@@ -93,6 +90,19 @@ class TrtRunner:
         self.output_names = [name for name in names if not is_input[name]]
         self.dtypes = {name: np.dtype(module.nptype(self.engine.get_tensor_dtype(name))) for name in names}
         self.buffers: dict[str, tuple[int, int]] = {}  # name → (device pointer, bytes)
+
+    def invalid(self, runtime, plan: bytes) -> bool:
+        """TensorRT for RTX's ``get_engine_validity``: INVALID (another GPU, another version) is refused;
+        SUBOPTIMAL runs (not tuned for this GPU). TensorRT proper has no such call."""
+        if not hasattr(runtime, "get_engine_validity"):
+            return False
+        validity = runtime.get_engine_validity(plan)  # (validity, diagnostics)
+        validity = validity[0] if isinstance(validity, tuple) else validity
+        return validity == self.trt.module.EngineValidity.INVALID
+
+    def deserialize(self, runtime, plan: bytes):
+        """The engine (None when TensorRT refuses the plan; it logs why)."""
+        return runtime.deserialize_cuda_engine(plan)
 
     def _device(self, name: str, nbytes: int) -> int:
         pointer, size = self.buffers.get(name, (0, 0))
