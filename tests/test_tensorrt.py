@@ -191,10 +191,10 @@ class _HostMemoryCuda:
     memmoves. It lets TrtRunner's own code — shapes, buffer sizes and reuse, copies, dtypes — run without a GPU."""
 
     class cudaMemcpyKind:
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
 
     def __init__(self):
-        self.buffers, self.mallocs = {}, 0
+        self.buffers, self.mallocs, self.copies_2d, self.host_to_device_bytes = {}, 0, 0, 0
 
     def cudaStreamCreate(self):
         return 0, 7
@@ -215,6 +215,15 @@ class _HostMemoryCuda:
         import ctypes
 
         ctypes.memmove(dst, src, count)
+        self.host_to_device_bytes += count if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else 0
+        return (0,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        import ctypes
+
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        self.copies_2d += 1
         return (0,)
 
     def cudaStreamSynchronize(self, stream):
@@ -308,10 +317,20 @@ def test_trt_runner_code_on_a_simulated_device(engines, tmp_path, monkeypatch):
     runners = {graph: trt_backend.TrtRunner(manifest, graph) for graph in manifest.graphs}
     images = [Image.open(SAMPLE), Image.open(SAMPLE).rotate(90)]
     questions = ["what shape is it?", "what color?"]
-    simulated = make_pipeline(manifest, runners).answer(images, questions, max_new_tokens=6)
     reference = make_pipeline(manifest, load_runners(manifest, "ort-cpu")).answer(images, questions, max_new_tokens=6)
-    assert [a.token_ids for a in simulated] == [a.token_ids for a in reference]
-    assert [a.kept_indices for a in simulated] == [a.kept_indices for a in reference]
+    steps = max(len(a.token_ids) for a in reference) - 1
+    assert steps >= 2, "the check needs decode steps"
+    copied = {}
+    for resident in (False, True):  # run() per step, then the cache kept on the device (auto for trt)
+        pipeline = make_pipeline(manifest, runners)
+        pipeline.io_binding = None if resident else False
+        cuda.copies_2d = cuda.host_to_device_bytes = 0
+        simulated = pipeline.answer(images, questions, max_new_tokens=6)
+        assert [a.token_ids for a in simulated] == [a.token_ids for a in reference]
+        assert [a.kept_indices for a in simulated] == [a.kept_indices for a in reference]
+        assert cuda.copies_2d == (steps * 2 * manifest.language_model["num_layers"] if resident else 0)
+        copied[resident] = cuda.host_to_device_bytes
+    assert copied[True] < copied[False]  # the resident cache crosses the bus once, not at every step
     decode = runners["decode"]
     assert set(decode.buffers) == set(decode.input_names) | set(decode.output_names)  # one buffer per tensor, reused
     assert cuda.mallocs < 3 * sum(len(r.buffers) for r in runners.values())  # grown rarely, not per call

@@ -135,6 +135,56 @@ class TrtRunner:
         check(cudart, (cudart.cudaStreamSynchronize(self.stream)[0], None), "cudaStreamSynchronize")
         return outputs
 
+    def resident_step(self, cache, constant: dict[str, np.ndarray]):
+        """The decode loop with the KV cache on the device: its buffers are copied there once (the prompt's slots)
+        and the request's constant feeds with them; each step then copies in only the token, position and mask,
+        runs, copies the logits out, and writes the new keys/values into the cache's next slot on the device
+        (a 2-D copy: one Dh row per batch row and head). The host cache keeps the mask and length only."""
+        cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
+        resident = {**cache.tensors, **constant}  # past.* (B, KV, C, Dh) and e.g. Mllama's cross.*: copied once
+        for name, array in resident.items():
+            array = np.ascontiguousarray(array, dtype=self.dtypes[name])
+            self.context.set_input_shape(name, array.shape)
+            pointer = self._device(name, array.nbytes)
+            check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
+                                                  kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
+            self.context.set_tensor_address(name, pointer)
+        per_step = [name for name in self.input_names if name not in resident]  # input_ids, position_ids, mask
+
+        def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+            feeds = {"input_ids": tokens.astype(np.int64)[:, None], "position_ids": positions.astype(np.int64)[:, None],
+                     "attention_mask": cache.mask}
+            for name in per_step:
+                array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+                self.context.set_input_shape(name, array.shape)
+                pointer = self._device(name, array.nbytes)
+                check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
+                                                      kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
+                self.context.set_tensor_address(name, pointer)
+            shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.output_names}
+            for name in self.output_names:
+                self.context.set_tensor_address(name, self._device(name, int(np.prod(shapes[name])) * self.dtypes[name].itemsize))
+            if not self.context.execute_async_v3(int(self.stream)):
+                raise BackendError(f"TensorRT failed to run plan {self.graph}")
+            logits = np.empty(shapes["logits"], dtype=self.dtypes["logits"])
+            check(cudart, (cudart.cudaMemcpyAsync(logits.ctypes.data, self.buffers["logits"][0], logits.nbytes,
+                                                  kind.cudaMemcpyDeviceToHost, self.stream)[0], None), "cudaMemcpyAsync")
+            for name in self.output_names:
+                if not name.startswith("new."):
+                    continue
+                target = "past." + name[len("new."):]
+                batch, heads, slots, width = cache.tensors[target].shape  # (B, KV, C, Dh)
+                row = width * self.dtypes[target].itemsize
+                destination = self.buffers[target][0] + cache.length * row  # slot `length` of every (b, h) row
+                check(cudart, (cudart.cudaMemcpy2DAsync(destination, slots * row, self.buffers[name][0], row, row,
+                                                        batch * heads, kind.cudaMemcpyDeviceToDevice, self.stream)[0], None),
+                      "cudaMemcpy2DAsync")
+            check(cudart, (cudart.cudaStreamSynchronize(self.stream)[0], None), "cudaStreamSynchronize")
+            cache.advance()
+            return logits
+
+        return step
+
     def __del__(self) -> None:
         for pointer, _ in getattr(self, "buffers", {}).values():
             self.cudart.cudaFree(pointer)

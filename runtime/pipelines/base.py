@@ -59,8 +59,8 @@ class BatchedPipeline:
 
     family: str  # the manifest's model family this pipeline runs
     max_image_pixels: int | None = None  # decoding paths: refuse larger images (Pillow's bomb check)
-    # decode through the runner's bound buffers (ORT IO binding) where it offers them; None: where measured faster
-    # (the CPU provider: README "KV cache"), plain runs elsewhere
+    # decode through the runner's bound buffers (ORT IO binding) or device-resident cache (TensorRT) where it offers
+    # them; None: ORT's CPU provider (measured faster: README "KV cache") and TensorRT, plain runs elsewhere
     io_binding: bool | None = None
     on_token: TokenCallback | None = None  # called after every generated token: streaming, per-token timing
 
@@ -125,7 +125,8 @@ class BatchedPipeline:
         (Mllama's cross-attention keys/values and masks) stay fixed for the request."""
         runner = self.runners["decode"]
         constant = {name: prefill_out[name] for name in runner.input_names if name in prefill_out}
-        bind = self.io_binding if self.io_binding is not None else getattr(runner, "device", None) == "cpu"
+        bind = self.io_binding if self.io_binding is not None else (
+            getattr(runner, "device", None) == "cpu" or hasattr(runner, "resident_step"))
         step = DecodeStep(runner, cache, constant, bind=bind)
         return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
                              self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)

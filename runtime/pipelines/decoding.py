@@ -11,9 +11,11 @@ the new token's key/value, which ``KVCache.append`` writes into the next slot by
 (``export/models/kv_cache.py`` has the graph side). Every row of a left-padded batch fills the same slot at each
 step; their positions (``position_ids``) differ.
 
-Two ways to run a step, same numbers: ``runner.run(feeds)`` (host numpy in, fresh numpy out), or — where the
-runner offers ``bind`` (ONNX Runtime's IO binding) — inputs and outputs bound once per request to fixed buffers,
-each step only overwriting the token and position in place. ``DecodeStep(..., bind=True)`` picks the latter.
+Three ways to run a step, same numbers: ``runner.run(feeds)`` (host numpy in, fresh numpy out); where the runner
+offers ``bind`` (ONNX Runtime's IO binding), inputs and outputs bound once per request to fixed host buffers, each
+step only overwriting the token and position in place; where it offers ``resident_step`` (TensorRT), the cache is
+copied to the device once and each step's keys/values are written into it there, only the token, position, mask
+and logits crossing the bus. ``DecodeStep(..., bind=True)`` picks the last the runner has.
 """
 from __future__ import annotations
 
@@ -60,6 +62,12 @@ class KVCache:
         for name, value in step_outputs.items():
             if name.startswith(STEP_OUTPUT):
                 self.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]][:, :, self.length] = value[:, :, 0]
+        self.advance()
+
+    def advance(self) -> None:
+        """Mark the next slot filled (``append`` after writing it; a device-resident cache after writing it there)."""
+        if self.length >= self.capacity:
+            raise BackendError(f"the KV cache is full ({self.capacity} slots): more decode steps than it was sized for")
         self.mask[:, self.length] = 1
         self.length += 1
 
@@ -93,7 +101,10 @@ class DecodeStep:
         self.input_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
         self.position_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
         self.bound: Callable[[], None] | None = None
-        if bind and hasattr(runner, "bind"):
+        self.resident: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        if bind and hasattr(runner, "resident_step"):  # the cache moves to the device once and stays there
+            self.resident = runner.resident_step(cache, self.constant)
+        elif bind and hasattr(runner, "bind"):
             self.outputs = self._output_buffers()
             inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **cache.feeds(), **self.constant}
             self.bound = runner.bind({name: inputs[name] for name in runner.input_names}, self.outputs)
@@ -115,6 +126,8 @@ class DecodeStep:
         return buffers
 
     def __call__(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.resident is not None:
+            return self.resident(tokens, positions)
         if self.bound is None:
             return decode_step(self.runner, self.cache, tokens, positions, self.constant)
         self.input_ids[:, 0] = tokens  # the bound buffers, overwritten in place
