@@ -8,9 +8,12 @@ Refused in one line (exit 2), before any input is read: no TensorRT, no cuda-pyt
 CI machines have none: a plan deserialises only where a GPU and driver are); at load: a folder without plans, or
 a plan TensorRT for RTX says is not valid on this GPU (``get_engine_validity``).
 
-Not executed on this project's machines (no GPU with TensorRT was available): ``TrtRunner.run``. The device-resident
-KV cache (binding the cache's device buffers once and writing each step's keys/values on the device) is not here
-yet: decode steps copy the cache like any host feed.
+Decoding keeps the KV cache on the device (``resident_step``): copied there once per request, each step's new
+keys/values written into the next slot with a device-to-device 2-D copy.
+
+Not executed on a GPU (no machine this project ran on had one with TensorRT): ``TrtRunner.run`` and
+``resident_step`` ran only on a simulated device — cuda-python replaced by host memory and each engine by its graph
+in ONNX Runtime (``tests/test_tensorrt.py``) — which checks this module's own logic, not TensorRT's or CUDA's.
 """
 from __future__ import annotations
 
