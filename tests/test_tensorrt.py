@@ -295,15 +295,12 @@ class _OnnxContext:
         return isinstance(stream, int)
 
 
-def test_trt_runner_code_on_a_simulated_device(engines, tmp_path, monkeypatch):
-    """TrtRunner's own code end to end — record checks, buffers grown and reused, host↔device copies, dtypes, shapes
-    per call — with cuda-python replaced by host memory and each engine by its graph in ONNX Runtime: the answers
-    equal ONNX Runtime's. TensorRT's and CUDA's own behaviour is not what this checks (no GPU here)."""
+@pytest.fixture
+def simulated_trt(engines, tmp_path, monkeypatch):
+    """A copy of the tiny engines with plans, and the trt backend on the simulated device: (folder, manifest, cuda)."""
     import runtime.backends.trt as trt_backend
-    from runtime.backends import load_runners
+    from runtime.backends import BACKENDS, Backend
     from runtime.manifest import Manifest
-    from runtime.pipelines import make_pipeline
-    from PIL import Image
 
     folder = tmp_path / "engines"
     shutil.copytree(engines, folder)
@@ -313,7 +310,21 @@ def test_trt_runner_code_on_a_simulated_device(engines, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_backend, "cuda_runtime", lambda: cuda)
     monkeypatch.setattr(trt_backend.TrtRunner, "invalid", lambda self, runtime, plan: False)
     monkeypatch.setattr(trt_backend.TrtRunner, "deserialize",
-                        lambda self, runtime, plan: _OnnxEngine(manifest.graph_path(self.graph), self.trt.module))
+                        lambda self, runtime, plan: _OnnxEngine(folder / f"{self.graph}.onnx", self.trt.module))
+    monkeypatch.setitem(BACKENDS, "trt", Backend("trt", BACKENDS["trt"].load, lambda: None))  # "a GPU is here"
+    return folder, manifest, cuda
+
+
+def test_trt_runner_code_on_a_simulated_device(simulated_trt):
+    """TrtRunner's own code end to end — record checks, buffers grown and reused, host↔device copies, dtypes, shapes
+    per call — with cuda-python replaced by host memory and each engine by its graph in ONNX Runtime: the answers
+    equal ONNX Runtime's. TensorRT's and CUDA's own behaviour is not what this checks (no GPU here)."""
+    import runtime.backends.trt as trt_backend
+    from runtime.backends import load_runners
+    from runtime.pipelines import make_pipeline
+    from PIL import Image
+
+    folder, manifest, cuda = simulated_trt
     runners = {graph: trt_backend.TrtRunner(manifest, graph) for graph in manifest.graphs}
     images = [Image.open(SAMPLE), Image.open(SAMPLE).rotate(90)]
     questions = ["what shape is it?", "what color?"]
@@ -334,3 +345,18 @@ def test_trt_runner_code_on_a_simulated_device(engines, tmp_path, monkeypatch):
     decode = runners["decode"]
     assert set(decode.buffers) == set(decode.input_names) | set(decode.output_names)  # one buffer per tensor, reused
     assert cuda.mallocs < 3 * sum(len(r.buffers) for r in runners.values())  # grown rarely, not per call
+
+
+def test_parity_through_the_trt_backend_on_the_simulated_device(simulated_trt, tmp_path):
+    """``parity --backend trt`` against the PyTorch reference, and the torch-free replay of a saved reference through
+    ``--backend trt``: both pass on the simulated device (the plans' own numerics need a GPU)."""
+    from runtime.parity import default_images, replay_parity, run_parity
+
+    folder, _, _ = simulated_trt
+    saved = tmp_path / "ref.json"
+    report = run_parity(folder, images=default_images(2), questions=["what color?", "how many?"], backend="trt",
+                        quiet=True, out_json=tmp_path / "parity.json", save_reference=saved)
+    assert report["passed"] and report["backend"] == "trt", json.dumps(report)[:2000]
+    replayed = replay_parity(folder, saved, backend="trt", quiet=True, out_json=tmp_path / "replay.json")
+    assert replayed["passed"] and replayed["backend"] == "trt"
+    assert set(replayed["stages"]) == {"integrity", "visual", "embed", "prefill", "decode"}
