@@ -200,6 +200,7 @@ class PlanRecord(_Closed):
     version: str
     compute_capabilities: list[str]  # TensorRT for RTX's targets ([]: its default set); [] for TensorRT proper
     gpu: str | None = None  # TensorRT proper: the GPU it was built on (name, compute capability)
+    tf32: bool = False  # fp32 matrix products allowed in TF32 (off: fp32 plans compute in fp32)
     profile: dict[str, Annotated[list[list[NonNegativeInt]], Field(min_length=3, max_length=3)]]  # input → min/opt/max
     build_seconds: Annotated[float, Field(ge=0)]
     size_bytes: PositiveInt

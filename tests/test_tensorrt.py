@@ -44,7 +44,7 @@ def check_plans(folder, graphs):
     trt = _tensorrt()
     for graph, record in manifest.plans.items():
         assert record["file"] == f"{graph}.plan" and record["size_bytes"] == (folder / record["file"]).stat().st_size > 0
-        assert record["tensorrt"] == trt.flavour and record["version"] == trt.version
+        assert record["tensorrt"] == trt.flavour and record["version"] == trt.version and record["tf32"] is False
         assert set(record["profile"]) == {t.name for t in manifest.graphs[graph].inputs}
     return manifest
 

@@ -10,7 +10,8 @@
 The two flavours share TensorRT 10's API and are both used strongly typed: precision comes from the graph's own
 types (an fp16 manifest's graphs carry fp16 tensors; fp32 ones stay fp32), so a plan computes in the precision its
 parity was judged in. TensorRT for RTX is strongly typed by construction (``create_network(0)``; it has no fp16
-flag); TensorRT 10/11 gets the ``STRONGLY_TYPED`` network flag. TensorRT for RTX targets compute capabilities
+flag); TensorRT 10/11 gets the ``STRONGLY_TYPED`` network flag. TF32 (on by default) is turned off, so that fp32 graphs
+multiply in fp32: parity holds fp32 plans to fp32's rounding noise. TensorRT for RTX targets compute capabilities
 (``--compute-capability``; by default its own portable set) and must not be
 given a timing cache (it then looks for a GPU). Only the TensorRT for RTX path runs on this project's CI machines;
 TensorRT 10/11 proper is written against the same calls and was not executed here.
@@ -126,6 +127,8 @@ def build_plan(trt: TensorRT, onnx_path: Path, profile: dict, workspace_bytes: i
     if not parser.parse_from_file(str(onnx_path)):
         raise BackendError(f"TensorRT cannot parse graph {graph}: {parser_errors(parser)}")
     config = builder.create_builder_config()
+    if hasattr(module.BuilderFlag, "TF32"):  # on by default: fp32 graphs would multiply in TF32 (10-bit mantissa)
+        config.clear_flag(module.BuilderFlag.TF32)  # and parity judges fp32 plans against fp32 noise
     if workspace_bytes:
         config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, workspace_bytes)
     if capabilities:
@@ -174,7 +177,7 @@ def build_engines(folder: str | Path, capability_names: list[str] | None = None,
             temporary.write_bytes(plan)
             temporary.replace(path)
             records[graph] = {"file": path.name, "tensorrt": trt.flavour, "version": trt.version,
-                              "compute_capabilities": capabilities, "gpu": None,
+                              "compute_capabilities": capabilities, "gpu": None, "tf32": False,
                               "profile": {name: [list(shape) for shape in shapes] for name, shapes in profile.items()},
                               "build_seconds": round(seconds, 3), "size_bytes": len(plan)}
             say(f"[{index}/{len(manifest.graphs)}] {graph}: {len(plan) / 1e6:.1f} MB plan in {seconds:.1f} s")
