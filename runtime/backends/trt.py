@@ -37,12 +37,12 @@ def cuda_runtime():
     return cudart
 
 
-def check(cudart, result, what: str):
-    """cuda-python returns (error, *values): the values, or one line naming the call and the error."""
+def check(result, what: str):
+    """cuda-python returns (error, *values): the value(s), or one line naming the call and the error."""
     error, *values = result
     if int(error) != 0:
         raise BackendError(f"CUDA {what} failed: {getattr(error, 'name', error)}")
-    return values[0] if len(values) == 1 else values
+    return values[0] if len(values) == 1 else (values or None)
 
 
 def require_gpu() -> None:
@@ -86,7 +86,7 @@ class TrtRunner:
             why = logger.errors[-1].splitlines()[0] if logger.errors else "no message"
             raise BackendError(f"TensorRT could not load plan {record['file']}: {why}")
         self.context = self.engine.create_execution_context()
-        self.stream = check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = self._cuda("cudaStreamCreate")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {name: self.engine.get_tensor_mode(name) == module.TensorIOMode.INPUT for name in names}
         self.input_names = [name for name in names if is_input[name]]
@@ -107,35 +107,51 @@ class TrtRunner:
         """The engine (None when TensorRT refuses the plan; it logs why)."""
         return runtime.deserialize_cuda_engine(plan)
 
+    def _cuda(self, function: str, *args):
+        """One cuda-python runtime call, its error turned into one line."""
+        return check(getattr(self.cudart, function)(*args), function)
+
     def _device(self, name: str, nbytes: int) -> int:
+        """The device buffer of tensor ``name``, grown (never shrunk) to ``nbytes``."""
         pointer, size = self.buffers.get(name, (0, 0))
         if size < nbytes:
             if pointer:
-                check(self.cudart, (self.cudart.cudaFree(pointer)[0], None), "cudaFree")
-            pointer = check(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
+                self._cuda("cudaFree", pointer)
+            pointer = self._cuda("cudaMalloc", max(nbytes, 1))
             self.buffers[name] = (pointer, nbytes)
         return pointer
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
-        for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            if not self.context.set_input_shape(name, array.shape):
-                raise BackendError(f"plan {self.graph}: input {name} shape {list(array.shape)} is outside its profile")
-            pointer = self._device(name, array.nbytes)
-            check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
-                                                  kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
-            self.context.set_tensor_address(name, pointer)
-        outputs: dict[str, np.ndarray] = {}
-        for name in self.output_names:
-            outputs[name] = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self._device(name, outputs[name].nbytes))
+    def _upload(self, name: str, value: np.ndarray) -> None:
+        """An input: its shape set (within the profile), its contents copied to its device buffer, bound."""
+        array = np.ascontiguousarray(value, dtype=self.dtypes[name])
+        if not self.context.set_input_shape(name, array.shape):
+            raise BackendError(f"plan {self.graph}: input {name} shape {list(array.shape)} is outside its profile")
+        pointer = self._device(name, array.nbytes)
+        self._cuda("cudaMemcpyAsync", pointer, array.ctypes.data, array.nbytes,
+                   self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+        self.context.set_tensor_address(name, pointer)
+
+    def _execute(self) -> dict[str, tuple[int, ...]]:
+        """Bind every output at the shape the inputs give it, enqueue; → the output shapes."""
+        shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.output_names}
+        for name, shape in shapes.items():
+            self.context.set_tensor_address(name, self._device(name, int(np.prod(shape)) * self.dtypes[name].itemsize))
         if not self.context.execute_async_v3(int(self.stream)):
             raise BackendError(f"TensorRT failed to run plan {self.graph}")
-        for name, array in outputs.items():
-            check(cudart, (cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name][0], array.nbytes,
-                                                  kind.cudaMemcpyDeviceToHost, self.stream)[0], None), "cudaMemcpyAsync")
-        check(cudart, (cudart.cudaStreamSynchronize(self.stream)[0], None), "cudaStreamSynchronize")
+        return shapes
+
+    def _download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        array = np.empty(shape, dtype=self.dtypes[name])
+        self._cuda("cudaMemcpyAsync", array.ctypes.data, self.buffers[name][0], array.nbytes,
+                   self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
+        return array
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in self.input_names:
+            self._upload(name, feeds[name])
+        shapes = self._execute()
+        outputs = {name: self._download(name, shape) for name, shape in shapes.items()}
+        self._cuda("cudaStreamSynchronize", self.stream)
         return outputs
 
     def resident_step(self, cache, constant: dict[str, np.ndarray]):
@@ -143,46 +159,24 @@ class TrtRunner:
         and the request's constant feeds with them; each step then copies in only the token, position and mask,
         runs, copies the logits out, and writes the new keys/values into the cache's next slot on the device
         (a 2-D copy: one Dh row per batch row and head). The host cache keeps the mask and length only."""
-        cudart, kind = self.cudart, self.cudart.cudaMemcpyKind
         resident = {**cache.tensors, **constant}  # past.* (B, KV, C, Dh) and e.g. Mllama's cross.*: copied once
-        for name, array in resident.items():
-            array = np.ascontiguousarray(array, dtype=self.dtypes[name])
-            self.context.set_input_shape(name, array.shape)
-            pointer = self._device(name, array.nbytes)
-            check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
-                                                  kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
-            self.context.set_tensor_address(name, pointer)
-        per_step = [name for name in self.input_names if name not in resident]  # input_ids, position_ids, mask
+        for name, value in resident.items():
+            self._upload(name, value)
+        new_names = [name for name in self.output_names if name.startswith("new.")]
 
         def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-            feeds = {"input_ids": tokens.astype(np.int64)[:, None], "position_ids": positions.astype(np.int64)[:, None],
-                     "attention_mask": cache.mask}
-            for name in per_step:
-                array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-                self.context.set_input_shape(name, array.shape)
-                pointer = self._device(name, array.nbytes)
-                check(cudart, (cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
-                                                      kind.cudaMemcpyHostToDevice, self.stream)[0], None), "cudaMemcpyAsync")
-                self.context.set_tensor_address(name, pointer)
-            shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.output_names}
-            for name in self.output_names:
-                self.context.set_tensor_address(name, self._device(name, int(np.prod(shapes[name])) * self.dtypes[name].itemsize))
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise BackendError(f"TensorRT failed to run plan {self.graph}")
-            logits = np.empty(shapes["logits"], dtype=self.dtypes["logits"])
-            check(cudart, (cudart.cudaMemcpyAsync(logits.ctypes.data, self.buffers["logits"][0], logits.nbytes,
-                                                  kind.cudaMemcpyDeviceToHost, self.stream)[0], None), "cudaMemcpyAsync")
-            for name in self.output_names:
-                if not name.startswith("new."):
-                    continue
+            self._upload("input_ids", tokens.astype(np.int64)[:, None])  # (B, 1)
+            self._upload("position_ids", positions.astype(np.int64)[:, None])  # (B, 1)
+            self._upload("attention_mask", cache.mask)  # (B, C)
+            logits = self._download("logits", self._execute()["logits"])  # (B, V)
+            for name in new_names:  # (B, KV, 1, Dh) → slot `length` of the (B, KV, C, Dh) cache, on the device
                 target = "past." + name[len("new."):]
-                batch, heads, slots, width = cache.tensors[target].shape  # (B, KV, C, Dh)
+                batch, heads, slots, width = cache.tensors[target].shape
                 row = width * self.dtypes[target].itemsize
-                destination = self.buffers[target][0] + cache.length * row  # slot `length` of every (b, h) row
-                check(cudart, (cudart.cudaMemcpy2DAsync(destination, slots * row, self.buffers[name][0], row, row,
-                                                        batch * heads, kind.cudaMemcpyDeviceToDevice, self.stream)[0], None),
-                      "cudaMemcpy2DAsync")
-            check(cudart, (cudart.cudaStreamSynchronize(self.stream)[0], None), "cudaStreamSynchronize")
+                self._cuda("cudaMemcpy2DAsync", self.buffers[target][0] + cache.length * row, slots * row,
+                           self.buffers[name][0], row, row, batch * heads,
+                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream)
+            self._cuda("cudaStreamSynchronize", self.stream)
             cache.advance()
             return logits
 
