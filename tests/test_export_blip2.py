@@ -205,7 +205,8 @@ def test_external_data_with_forced_threshold(tiny_blip2, tmp_path):
     (["--layer-weights", "x,y"], "comma-separated"),
     (["--positions", "diagonal"], "--positions"),
     (["--precision", "int3"], "--precision"),
-    (["--backend", "trt"], "TensorRT"),
+    (["--backend", "tensorrt"], "--backend must be one of onnx, trt"),  # trt itself builds plans now (test_tensorrt.py)
+    (["--workspace-mib", "64"], "--backend trt"),
     (["--prompt-template", "no placeholder"], "{}"),
 ])
 def test_bad_flags_one_line_exit_2_nothing_written(tiny_blip2, tmp_path, flags, message):
