@@ -208,6 +208,8 @@ class PlanRecord(_Closed):
 
 # the family-specific pruning settings a family's graphs were built with (the runtime and parity read them)
 FAMILY_PRUNING_FIELDS = {"blip2-opt": ("layer_weights",), "mllama": ("max_num_tiles", "tokens_per_tile")}
+# the graphs each family's pipeline runs
+FAMILY_GRAPHS = {"blip2-opt": ("visual", "embed", "prefill", "decode"), "mllama": ("vision", "prefill", "decode")}
 
 
 class ManifestSchema(_Closed):
@@ -240,10 +242,14 @@ class ManifestSchema(_Closed):
         return files
 
     @model_validator(mode="after")
-    def _family_pruning_settings(self):
+    def _family_requirements(self):
         missing = [name for name in FAMILY_PRUNING_FIELDS.get(self.family, ()) if getattr(self.pruning, name) is None]
         if missing:
             raise ValueError(f"pruning.{missing[0]} is required for model family {self.family!r}")
+        absent = [name for name in FAMILY_GRAPHS.get(self.family, ()) if name not in self.graphs]
+        if absent:
+            raise ValueError(f"graphs.{absent[0]} is required for model family {self.family!r} "
+                             f"(its pipeline runs {', '.join(FAMILY_GRAPHS[self.family])})")
         return self
 
     @model_validator(mode="after")

@@ -204,6 +204,7 @@ def _mutated(engines, tmp_path, edit):
     (lambda d: d["pruning"].update(k=99), "k (99) exceeds num_visual_tokens"),
     (lambda d: d["pruning"].update(k=d["pruning"]["k"] - 1), "is not max(1, round("),
     (lambda d: d["pruning"].pop("layer_weights"), "pruning.layer_weights is required for model family 'blip2-opt'"),
+    (lambda d: d["graphs"].pop("embed"), "graphs.embed is required for model family 'blip2-opt'"),
     (lambda d: d["files"].update({"../../etc/passwd": "0" * 64}), "field files"),
     (lambda d: d["text"].update(eos_token_ids=None), "field text.eos_token_ids"),
     (lambda d: d.update(schema_version=3), "schema_version 3"),
