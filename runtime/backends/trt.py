@@ -169,11 +169,12 @@ class TrtRunner:
             self._upload("position_ids", positions.astype(np.int64)[:, None])  # (B, 1)
             self._upload("attention_mask", cache.mask)  # (B, C)
             logits = self._download("logits", self._execute()["logits"])  # (B, V)
-            for name in new_names:  # (B, KV, 1, Dh) → slot `length` of the (B, KV, C, Dh) cache, on the device
+            slot = cache.next_slot()  # checked before the device copies write there
+            for name in new_names:  # (B, KV, 1, Dh) → that slot of the (B, KV, C, Dh) cache, on the device
                 target = "past." + name[len("new."):]
                 batch, heads, slots, width = cache.tensors[target].shape
                 row = width * self.dtypes[target].itemsize
-                self._cuda("cudaMemcpy2DAsync", self.buffers[target][0] + cache.length * row, slots * row,
+                self._cuda("cudaMemcpy2DAsync", self.buffers[target][0] + slot * row, slots * row,
                            self.buffers[name][0], row, row, batch * heads,
                            self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream)
             self._cuda("cudaStreamSynchronize", self.stream)

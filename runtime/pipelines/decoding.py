@@ -55,20 +55,23 @@ class KVCache:
         """The decode graph's cache inputs: every ``past.*`` buffer and the mask, the arrays themselves."""
         return {**self.tensors, "attention_mask": self.mask}
 
-    def append(self, step_outputs: dict[str, np.ndarray]) -> None:
-        """Write a step's ``new.{i}.key|value`` (B, KV, 1, Dh) into the next slot, in place."""
+    def next_slot(self) -> int:
+        """The slot the next step's keys/values go to, checked before anything is written there."""
         if self.length >= self.capacity:
             raise BackendError(f"the KV cache is full ({self.capacity} slots): more decode steps than it was sized for")
+        return self.length
+
+    def append(self, step_outputs: dict[str, np.ndarray]) -> None:
+        """Write a step's ``new.{i}.key|value`` (B, KV, 1, Dh) into the next slot, in place."""
+        slot = self.next_slot()
         for name, value in step_outputs.items():
             if name.startswith(STEP_OUTPUT):
-                self.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]][:, :, self.length] = value[:, :, 0]
+                self.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]][:, :, slot] = value[:, :, 0]
         self.advance()
 
     def advance(self) -> None:
         """Mark the next slot filled (``append`` after writing it; a device-resident cache after writing it there)."""
-        if self.length >= self.capacity:
-            raise BackendError(f"the KV cache is full ({self.capacity} slots): more decode steps than it was sized for")
-        self.mask[:, self.length] = 1
+        self.mask[:, self.next_slot()] = 1
         self.length += 1
 
 
@@ -97,14 +100,14 @@ class DecodeStep:
 
     def __init__(self, runner: Runner, cache: KVCache, constant: dict[str, np.ndarray] | None = None, bind: bool = False):
         self.runner, self.cache, self.constant = runner, cache, constant or {}
-        batch = cache.mask.shape[0]
-        self.input_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
-        self.position_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
         self.bound: Callable[[], None] | None = None
         self.resident: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
         if bind and hasattr(runner, "resident_step"):  # the cache moves to the device once and stays there
             self.resident = runner.resident_step(cache, self.constant)
         elif bind and hasattr(runner, "bind"):
+            batch = cache.mask.shape[0]
+            self.input_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1), overwritten in place each step
+            self.position_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
             self.outputs = self._output_buffers()
             inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **cache.feeds(), **self.constant}
             self.bound = runner.bind({name: inputs[name] for name in runner.input_names}, self.outputs)
