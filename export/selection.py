@@ -16,16 +16,48 @@ RANK_CHUNK = 512  # compared tokens per block when counting ranks: bounds the (B
 # --------------------------------------------------------------------------------------------------- ranks
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _top_indices(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Indices of the ``count`` largest (or smallest) scores, ties → lower index first. (B, N) → (B, count).
+
+    Exported: ONNX ``TopK`` (documented to return the lower index first on ties). Eager: a stable sort, which
+    has the same tie order. ``torch.topk`` alone promises no tie order.
+    """
+    if _exporting():
+        return torch.topk(scores, count, dim=-1, largest=largest, sorted=True).indices
+    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
+    return order[:, :count]
+
+
 def stable_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Rank of every element along ``dim``: 0 for the lowest … n-1 for the highest, as float32.
 
-    Counting instead of sorting makes it exact and backend-independent: an element's rank is the number of
-    elements below it, plus the number of equal elements at a lower index (a stable order, so ranks are a
-    permutation even on ties). Cost is O(n²) along ``dim`` — meant for the Q = 32 queries of a Q-Former.
+    Exact and backend-independent: an element's rank is the number of elements below it, plus the number of equal
+    elements at a lower index (a stable order, so ranks are a permutation even on ties). Computed as a stable
+    ascending sort (ONNX ``TopK`` with K = n when exported: lower index first on ties, the same order) whose
+    inverse permutation is the ranks (one ``ScatterElements``): O(n log n) per row and no (…, n, n) temporaries —
+    on the default BLIP-2 at batch 8 the visual graph ran 2.1× faster than with the pairwise count
+    (README "Speed"). :func:`counted_ranks` is the pairwise definition, kept as the tests' oracle.
     """
     last = values.dim() - 1
     dim = dim % values.dim()
     values = values.float().transpose(dim, last)  # (..., n): positive axes, so the ONNX Transpose perm is valid
+    n = int(values.shape[-1])
+    flat = values.reshape(-1, n)  # (rows, n)
+    order = _top_indices(flat, n, largest=False)  # (rows, n): position i holds the element of rank i
+    ranks_in_order = torch.arange(n, dtype=torch.float32, device=values.device).expand(flat.shape)  # (rows, n)
+    ranks = torch.zeros_like(flat).scatter(1, order, ranks_in_order)  # (rows, n): the inverse permutation
+    return ranks.reshape(values.shape).transpose(dim, last)
+
+
+def counted_ranks(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`stable_ranks` by its definition — every pair compared, O(n²) memory per row; the tests' oracle."""
+    last = values.dim() - 1
+    dim = dim % values.dim()
+    values = values.float().transpose(dim, last)  # (..., n)
     n = values.shape[-1]
     lhs = values.unsqueeze(-1)  # (..., n, 1): the element being ranked
     rhs = values.unsqueeze(-2)  # (..., 1, n): every element it is compared with
@@ -76,22 +108,6 @@ def top_ranks(values: torch.Tensor, chunk: int = RANK_CHUNK) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- selection
-
-
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def _top_indices(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
-    """Indices of the ``count`` largest (or smallest) scores, ties → lower index first. (B, N) → (B, count).
-
-    Exported: ONNX ``TopK`` (documented to return the lower index first on ties). Eager: a stable sort, which
-    has the same tie order. ``torch.topk`` alone promises no tie order.
-    """
-    if _exporting():
-        return torch.topk(scores, count, dim=-1, largest=largest, sorted=True).indices
-    order = torch.sort(scores, dim=-1, descending=largest, stable=True).indices
-    return order[:, :count]
 
 
 def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -84,6 +84,33 @@ def test_stable_ranks_by_hand():
     assert pruning.stable_ranks(layer1, dim=2)[0, 0].tolist() == [[0, 2], [1, 1], [2, 0]]  # tie: lower index ranks lower
 
 
+@pytest.mark.parametrize("case", ["distinct", "ties", "few values"])
+def test_sorted_ranks_equal_pairwise_count_eager_and_exported(case, tmp_path):
+    """The sort-based ranks (TopK + inverse-permutation scatter when exported) equal the pairwise definition
+    exactly, ties included, in eager PyTorch and in ONNX Runtime."""
+    from export.selection import counted_ranks
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.rand(2, 3, 32, 17, generator=generator)  # (B, heads, Q, P): ranks down the Q axis
+    if case == "ties":
+        values[:, :, :10] = 0.5
+        values[:, :, 15:20] = values[:, :, 30:31]
+    elif case == "few values":
+        values = torch.randint(0, 3, values.shape, generator=generator).float()
+    expected = counted_ranks(values, dim=2)
+    assert torch.equal(pruning.stable_ranks(values, dim=2), expected)
+
+    class Ranks(torch.nn.Module):
+        def forward(self, probs):
+            return pruning.stable_ranks(probs, dim=2)
+
+    path = tmp_path / "ranks.onnx"
+    torch.onnx.export(Ranks(), (values,), str(path), opset_version=17, dynamo=False, input_names=["probs"])
+    assert "TopK" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"probs": values.numpy()})[0], expected.numpy())
+
+
 def test_catp_voting_by_hand():
     layer0, layer1 = hand_example()
     assert pruning.catp_scores([layer0], [1.0]).tolist() == [[2.0, 3.0, 1.0]]
