@@ -27,7 +27,9 @@ def resolve_backend(name: str, manifest: Manifest | None = None) -> str:
     return name
 
 
-def load_runners(manifest: Manifest, backend: str) -> dict[str, Runner]:
-    """One runner per graph of the manifest."""
+def load_runners(manifest: Manifest, backend: str, settings=None) -> dict[str, Runner]:
+    """One runner per graph of the manifest. ``settings``: the backend's own (``OrtSettings`` for ``ort-*``);
+    None: its defaults."""
     backend = resolve_backend(backend, manifest)
-    return {graph: BACKENDS[backend].load(manifest, graph) for graph in manifest.graphs}
+    extra = () if settings is None else (settings,)
+    return {graph: BACKENDS[backend].load(manifest, graph, *extra) for graph in manifest.graphs}

@@ -1,12 +1,13 @@
 """ONNX Runtime backends: ``ort-cpu`` and ``ort-cuda``. onnxruntime itself is imported on first use."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime.backends.base import Runner, register
-from runtime.errors import BackendError, UnsupportedError
+from runtime.errors import BackendError, UnsupportedError, UsageError
 from runtime.manifest import Manifest
 
 
@@ -24,15 +25,44 @@ def onnxruntime_module():
     return onnxruntime
 
 
-class OrtRunner:
-    """One ONNX Runtime session."""
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
 
-    def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """How every session of a pipeline runs (``runtime/infer.py --threads``, ``--spin``; the bench sweeps them).
+
+    ``threads``: intra-op threads per session (0: ONNX Runtime's default, one per physical core). ``spinning``: the
+    pool's threads busy-wait after a run (ORT's default) — fastest for one session called back to back, but a
+    pipeline's other sessions and anything else in the process (a PyTorch baseline) then compete with spinning
+    threads: measured in README "Speed". ``optimization``: the graph optimization level."""
+
+    threads: int = 0
+    spinning: bool = True
+    optimization: str = "all"
+
+    def session_options(self):
         ort = onnxruntime_module()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise UsageError(f"unknown ONNX Runtime optimization level {self.optimization!r}; "
+                             f"choose one of {', '.join(OPTIMIZATION_LEVELS)}")
+        levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                  "disabled": "ORT_DISABLE_ALL"}
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[self.optimization])
+        return options
+
+
+class OrtRunner:
+    """One ONNX Runtime session."""
+
+    def __init__(self, path: Path, providers: list[str], settings: OrtSettings = OrtSettings()):
+        ort = onnxruntime_module()
+        options = settings.session_options()
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as err:  # ORT raises its own exception types; keep the message, drop the trace
@@ -87,8 +117,8 @@ def require_onnxruntime() -> None:
 
 
 @register("ort-cpu", check=require_onnxruntime)
-def cpu_runner(manifest: Manifest, graph: str) -> Runner:
-    return OrtRunner(manifest.graph_path(graph), ["CPUExecutionProvider"])
+def cpu_runner(manifest: Manifest, graph: str, settings: OrtSettings = OrtSettings()) -> Runner:
+    return OrtRunner(manifest.graph_path(graph), ["CPUExecutionProvider"], settings)
 
 
 def has_cuda_provider() -> bool:
@@ -104,6 +134,6 @@ def require_cuda_provider() -> None:
 
 
 @register("ort-cuda", check=require_cuda_provider)
-def cuda_runner(manifest: Manifest, graph: str) -> Runner:
+def cuda_runner(manifest: Manifest, graph: str, settings: OrtSettings = OrtSettings()) -> Runner:
     require_cuda_provider()
-    return OrtRunner(manifest.graph_path(graph), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return OrtRunner(manifest.graph_path(graph), ["CUDAExecutionProvider", "CPUExecutionProvider"], settings)

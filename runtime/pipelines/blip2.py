@@ -123,6 +123,7 @@ class Blip2Pipeline(BatchedPipeline):
                 token_ids=ids,
                 kept_indices=[int(i) for i in visual["kept_indices"][row]],
                 timings_ms=timings,
+                extra={"self_kv_bytes": cache.nbytes // len(generated)},
                 finish_reason=reasons[row],
             )
             for row, ids in enumerate(generated)

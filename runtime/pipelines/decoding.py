@@ -51,6 +51,11 @@ class KVCache:
         prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
         return cls(prompt, prompt_mask, prompt_mask.shape[1] + max(max_new_tokens - 1, 0))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds (every ``past.*`` buffer, all rows, at its full capacity)."""
+        return int(sum(buffer.nbytes for buffer in self.tensors.values()))
+
     def feeds(self) -> dict[str, np.ndarray]:
         """The decode graph's cache inputs: every ``past.*`` buffer and the mask, the arrays themselves."""
         return {**self.tensors, "attention_mask": self.mask}

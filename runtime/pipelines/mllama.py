@@ -194,6 +194,7 @@ class MllamaPipeline(BatchedPipeline):
         return [
             Answer(answer=self.text.decode(row_ids), token_ids=row_ids,
                    kept_indices=[int(i) for i in prefill_out["kept_indices"][row]], timings_ms=timings,
-                   extra={"cross_kv_bytes": kv_bytes}, finish_reason=reasons[row])
+                   extra={"cross_kv_bytes": kv_bytes, "self_kv_bytes": cache.nbytes // len(generated)},
+                   finish_reason=reasons[row])
             for row, row_ids in enumerate(generated)
         ]
