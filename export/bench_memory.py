@@ -1,0 +1,53 @@
+"""One row's peak memory, in a fresh process: ``python -m export.bench_memory '<json request>'`` loads the row's
+system (a runtime backend on an engines folder, or HF ``generate``), answers the bench's question once for the
+row's batch, and prints the process's peak resident set size in MiB (imports included: what a deployment of that
+system holds). Run by ``export/bench.py``; not a user command."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    request = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    row = request["row"]
+    from export.bench import sample_images
+
+    images = sample_images(row["batch"])
+    questions = [request["question"]] * row["batch"]
+    if request["baseline"]:
+        from export.bench_systems import HF_SYSTEMS
+        from runtime.manifest import Manifest
+
+        manifest = Manifest.load(Path(row["engines"]), verify=False)  # the prompt the runtime rows use
+        system = HF_SYSTEMS[manifest.family](Path(request["model"]), request["baseline"], manifest,
+                                             threads=request["threads"] or None)
+    else:
+        from export.bench_systems import PipelineSystem
+        from runtime.backends.ort import OrtSettings
+
+        backend = row["system"]
+        settings = OrtSettings(threads=request["threads"], spinning=False) if backend.startswith("ort") else None
+        system = PipelineSystem(Path(row["engines"]), backend, settings)
+    system.run(images, questions, request["new_tokens"])
+    print(peak_rss_kib() / 1024)
+    return 0
+
+
+def peak_rss_kib() -> float:
+    """This process's peak resident set size: ``VmHWM`` (Linux), which starts afresh at ``exec`` — unlike
+    ``ru_maxrss``, which keeps the forking parent's high-water mark across it (every probe then reads the bench's
+    own peak). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 1024 if sys.platform == "darwin" else float(usage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

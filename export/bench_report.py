@@ -1,0 +1,180 @@
+"""The bench's numbers: medians and spread per row, speedups against the HF baselines, the FLOP model's predicted
+speedup per pruned stage next to the measured one, the JSON and the PNG."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from export.bench_systems import STAGES
+
+REFERENCE = "hf-sdpa"  # speedups are against HF generate with sdpa attention, the same batch
+TOLERANCE = 0.15  # a pruned stage's measured speedup "matches" the FLOP model within this relative difference
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and the 10th / 90th percentiles (nearest rank) of a list of timings."""
+    ordered = sorted(values)
+
+    def at(fraction: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
+
+    return {"median": round(statistics.median(ordered), 4), "p10": round(at(0.1), 4), "p90": round(at(0.9), 4)}
+
+
+def row_summary(row: dict) -> dict:
+    runs = row["runs"]
+    batch = row["batch"]
+    totals = [run.total_ms for run in runs]
+    outside = [run.total_ms - run.graph_ms for run in runs]
+    total = statistics.median(totals)
+    return {
+        **{key: value for key, value in row.items() if key != "runs"},
+        "stages_ms": {stage: spread([run.stages_ms[stage] for run in runs]) for stage in STAGES},
+        "ttft_ms": spread([run.ttft_ms for run in runs]),
+        "total_ms": spread(totals),
+        "per_answer_ms": round(total / batch, 4),
+        "answers_per_s": round(batch * 1e3 / total, 2),
+        "graph_ms": spread([run.graph_ms for run in runs]),
+        "outside_graph_ms": spread(outside),
+        "outside_graph_share": round(statistics.median(outside) / total, 4),
+        "kv_cache_bytes": runs[0].kv_cache_bytes,
+        "generated_tokens": runs[0].generated_tokens,
+    }
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Every row's total time against each HF baseline's at the same batch (> 1: faster than HF)."""
+    baselines = {(row["system"], row["batch"]): row["total_ms"]["median"] for row in rows if row["system"].startswith("hf-")}
+    result = []
+    for row in rows:
+        against = {name: round(ms / row["total_ms"]["median"], 3)
+                   for (name, batch), ms in baselines.items() if batch == row["batch"]}
+        result.append({"system": row["system"], "ratio": row["ratio"], "batch": row["batch"], "speedup": against})
+    return result
+
+
+def flop_lines(rows: list[dict], meta: dict, config: dict) -> list[dict]:
+    """Per runtime backend and batch, each pruned ratio against ratio 0: per stage, the FLOP model's predicted
+    speedup and the measured one (medians)."""
+    from export import flops
+
+    unpruned = {(row["system"], row["batch"]): row for row in rows if not row["system"].startswith("hf-") and row["ratio"] == 0}
+    lines = []
+    for row in rows:
+        base = unpruned.get((row["system"], row["batch"]))
+        if base is None or row["ratio"] == 0:
+            continue
+        costs = {name: flops.stage_costs(config, kept=r["k"], text_len=meta["text_tokens"], batch=row["batch"],
+                                         new_tokens=meta["new_tokens"]) for name, r in (("full", base), ("pruned", row))}
+        for stage in ("visual", "prefill", "decode", "total"):
+            if stage == "total":
+                full = sum(costs["full"][s].flops for s in ("visual", "prefill", "decode"))
+                pruned = sum(costs["pruned"][s].flops for s in ("visual", "prefill", "decode"))
+                measured = base["total_ms"]["median"] / row["total_ms"]["median"]
+            else:
+                full, pruned = costs["full"][stage].flops, costs["pruned"][stage].flops
+                measured = base["stages_ms"][stage]["median"] / row["stages_ms"][stage]["median"]
+            predicted = full / pruned
+            lines.append({"system": row["system"], "batch": row["batch"], "ratio": row["ratio"], "stage": stage,
+                          "flops_removed": round(1 - pruned / full, 4), "predicted_speedup": round(predicted, 3),
+                          "measured_speedup": round(measured, 3),
+                          "within_tolerance": abs(measured / predicted - 1) <= TOLERANCE})
+    return lines
+
+
+def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
+    summary = [row_summary(row) for row in rows]
+    for row in summary:
+        if row["generated_tokens"] != meta["new_tokens"]:
+            from runtime.errors import BackendError
+
+            raise BackendError(f"{row['system']} (batch {row['batch']}) generated {row['generated_tokens']} tokens, not "
+                               f"{meta['new_tokens']}: rows would not do the same work")
+    return {"meta": meta, "rows": summary, "speedups": speedups(summary), "flop_model": flop_lines(summary, meta, config)}
+
+
+def describe_line(line: dict) -> str:
+    verdict = "within" if line["within_tolerance"] else "outside"
+    return (f"{line['system']} batch {line['batch']} ratio {line['ratio']:g} {line['stage']:>7}: pruning removed "
+            f"{line['flops_removed']:.0%} of the FLOPs (predicted {line['predicted_speedup']:.2f}×), measured "
+            f"{line['measured_speedup']:.2f}× ({verdict} {TOLERANCE:.0%})")
+
+
+def table(report: dict) -> str:
+    header = f"{'system':<9} {'ratio':>5} {'k':>4} {'batch':>5} " + " ".join(f"{s:>10}" for s in STAGES) + \
+             f" {'ttft':>8} {'total':>8} {'ans/s':>8} {'outside':>7} {'vs sdpa':>7} {'peak MiB':>8}"
+    lines = [header, "-" * len(header)]
+    speed = {(s["system"], s["ratio"], s["batch"]): s["speedup"].get(REFERENCE) for s in report["speedups"]}
+    for row in report["rows"]:
+        ratio = speed.get((row["system"], row["ratio"], row["batch"]))
+        lines.append(
+            f"{row['system']:<9} {row['ratio']:>5g} {row['k']:>4} {row['batch']:>5} "
+            + " ".join(f"{row['stages_ms'][s]['median']:>10.3f}" for s in STAGES)
+            + f" {row['ttft_ms']['median']:>8.3f} {row['total_ms']['median']:>8.3f} {row['answers_per_s']:>8.1f}"
+            f" {row['outside_graph_share']:>7.1%} {ratio if ratio is not None else float('nan'):>6.2f}×"
+            f" {row.get('peak_rss_mb', float('nan')):>8.0f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    batches = sorted({row["batch"] for row in rows})
+    figure, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
+    colors = {"preprocess": "#999999", "visual": "#4c72b0", "prefill": "#dd8452", "decode": "#55a868"}
+    for column, batch in enumerate(batches):
+        ax = axes[0][column]
+        cells = [row for row in rows if row["batch"] == batch]
+        labels = [row["system"] if row["system"].startswith("hf-") else f"{row['system']}\nr{row['ratio']:g} k={row['k']}"
+                  for row in cells]
+        bottom = [0.0] * len(cells)
+        for stage in STAGES:
+            heights = [row["stages_ms"][stage]["median"] for row in cells]
+            ax.bar(range(len(cells)), heights, bottom=bottom, color=colors[stage], label=stage)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_xticks(range(len(cells)), labels, fontsize=7)
+        ax.set_ylabel("ms per request (median)")
+        ax.set_title(f"stage times, batch {batch}")
+        ax.legend(fontsize=7)
+        ax = axes[1][column]
+        for system in sorted({row["system"] for row in cells if not row["system"].startswith("hf-")}):
+            points = [(s["ratio"], s["speedup"].get(REFERENCE)) for s in report["speedups"]
+                      if s["system"] == system and s["batch"] == batch and s["speedup"].get(REFERENCE)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+        ax.axhline(1.0, color="#999999", linestyle="--", linewidth=1)
+        ax.set_xlabel("ratio (fraction of visual tokens removed)")
+        ax.set_ylabel(f"speedup vs {REFERENCE} generate")
+        ax.set_title(f"end to end, batch {batch}")
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{Path(report['meta']['model']).name}: {report['meta']['new_tokens']} new tokens, "
+                    f"{report['meta']['repeats']} repeats", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    """``bench.json`` and ``bench.png`` under ``out`` (each written to a temporary file, then renamed); prints the
+    table and the predicted-vs-measured lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, write in (("bench.json", lambda p: p.write_text(json.dumps(report, indent=1) + "\n")),
+                        ("bench.png", lambda p: plot(report, p))):
+        handle, temporary = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=Path(name).suffix)
+        os.close(handle)
+        try:
+            write(Path(temporary))
+            os.replace(temporary, out / name)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    print(table(report))
+    print()
+    for line in report["flop_model"]:
+        print(describe_line(line))
