@@ -29,7 +29,6 @@ from export.bench_report import summarize, write_outputs
 
 HF_BASELINES = {"hf-sdpa": "sdpa", "hf-eager": "eager"}
 DEFAULT_QUESTION = "what shape is in the image?"
-IMAGE_SIZE = (640, 480)  # a camera-sized input: preprocessing resizes it, as it would a user's photo
 
 
 def parse_list(kind):
@@ -39,6 +38,25 @@ def parse_list(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
     return parse
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 640x480, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def model_image_size(preprocess: dict) -> tuple[int, int]:
+    """(W, H) the model takes without resizing: BLIP-2's ``size``; Mllama's tile side × a square grid of its tiles."""
+    if "size" in preprocess:
+        height, width = preprocess["size"]
+        return int(width), int(height)
+    side = int(preprocess["tile_size"]) * max(1, int(int(preprocess["max_image_tiles"]) ** 0.5))
+    return side, side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per system (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per system first (default 3)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
+    parser.add_argument("--image-size", type=parse_size, help="WxH of the input images (default: the model's own input "
+                        "size — every tile for LLaMA-3.2-Vision — so that preprocessing is the pipeline's, not a "
+                        "photo's resize; e.g. 640x480 to include that)")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for ONNX Runtime sessions and PyTorch (default 0: each library's own)")
     parser.add_argument("--ort-spinning", action="store_true", help="let ONNX Runtime's threads spin (see above)")
@@ -72,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     from runtime.errors import UsageError
 
+    if not args.backends:
+        raise UsageError("--backends: name at least one runtime backend (ort-cpu, ort-cuda, trt)")
     unknown = [name for name in args.baselines if name not in HF_BASELINES]
     if unknown:
         raise UsageError(f"unknown --baselines {', '.join(unknown)}; choose from {', '.join(HF_BASELINES)}")
@@ -86,13 +109,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--warmup must be at least 0")
 
 
-def sample_images(count: int):
-    """``count`` deterministic RGB photos-sized images (random pixels: timing does not depend on content)."""
+def sample_images(count: int, size: tuple[int, int]):
+    """``count`` deterministic RGB images of ``size`` (W, H) (random pixels: timing does not depend on content)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8)) for _ in range(count)]
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def build_engines(args: argparse.Namespace, model: Path) -> dict[float, Path]:
@@ -151,10 +174,10 @@ def measure(args: argparse.Namespace, systems, images, say) -> list[dict]:
     return [{**describe, "batch": batch, "runs": runs[index]} for index, (describe, system, batch) in enumerate(cells)]
 
 
-def peak_rss_mb(args: argparse.Namespace, model: Path, row: dict) -> float:
+def peak_rss_mb(args: argparse.Namespace, model: Path, row: dict, image_size: tuple[int, int]) -> float:
     """Peak resident memory of a fresh process that loads the row's system and answers once (imports included)."""
     request = {"row": {key: row[key] for key in ("system", "batch", "engines") if key in row}, "model": str(model),
-               "question": args.question, "new_tokens": args.new_tokens, "threads": args.threads,
+               "question": args.question, "new_tokens": args.new_tokens, "threads": args.threads, "image_size": image_size,
                "baseline": HF_BASELINES.get(row["system"])}
     result = subprocess.run([sys.executable, "-m", "export.bench_memory", json.dumps(request)], capture_output=True,
                             text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
@@ -181,16 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         folders = build_engines(args, model)
         say("loading systems")
         systems = make_systems(args, model, folders)
-        images = sample_images(max(args.batches))
+        first = next(system for _, system in systems if hasattr(system, "manifest"))
+        image_size = args.image_size or model_image_size(first.manifest.preprocess)
+        images = sample_images(max(args.batches), image_size)
         text_length = next(system for _, system in systems if hasattr(system, "text_length")).text_length(args.question)
         rows = measure(args, systems, images, say)
         if args.memory:
             for number, row in enumerate(rows, 1):
                 say(f"peak memory [{number}/{len(rows)}] {row['system']} ratio {row['ratio']:g} batch {row['batch']}")
-                row["peak_rss_mb"] = peak_rss_mb(args, model, row)
+                row["peak_rss_mb"] = peak_rss_mb(args, model, row, image_size)
         meta = {"model": str(model), "question": args.question, "text_tokens": text_length, "new_tokens": args.new_tokens,
                 "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "ort_spinning": args.ort_spinning,
-                "image_size": list(IMAGE_SIZE), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                "image_size": list(image_size), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                             "processor": platform.processor()}}
         report = summarize(rows, meta, json.loads((model / "config.json").read_text()))
         report["meta"]["seconds"] = round(time.perf_counter() - started, 1)

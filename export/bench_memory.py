@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     row = request["row"]
     from export.bench import sample_images
 
-    images = sample_images(row["batch"])
+    images = sample_images(row["batch"], tuple(request["image_size"]))
     questions = [request["question"]] * row["batch"]
     if request["baseline"]:
         from export.bench_systems import HF_SYSTEMS

@@ -223,8 +223,10 @@ class Blip2HfSystem(HfSystem):
         return self.model.language_model  # OPTForCausalLM: BLIP-2's generate calls its generate
 
     def inputs(self, images, questions):
+        from runtime.text import format_prompt
+
         template = self.manifest.text["prompt_template"]
-        return self.processor(images=images, text=[template.format(q) for q in questions], return_tensors="pt")
+        return self.processor(images=images, text=[format_prompt(template, q) for q in questions], return_tensors="pt")
 
 
 @register_hf
@@ -233,7 +235,7 @@ class MllamaHfSystem(HfSystem):
     model_class = "MllamaForConditionalGeneration"
 
     def visual_modules(self) -> list:
-        return [self.model.vision_model, self.model.multi_modal_projector]
+        return [self.model.model.vision_model, self.model.model.multi_modal_projector]
 
     def language_model(self):
         return self.model  # the top-level forward: vision (first call only), text decoder, lm_head
@@ -242,9 +244,19 @@ class MllamaHfSystem(HfSystem):
         return set(self.model.config.text_config.cross_attention_layers)
 
     def inputs(self, images, questions):
-        def messages(question):
-            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        """The processor's inputs for the runtime's own prompt: HF renders a chat template itself (the template
+        writes BOS), a plain template is tokenized with the processor's special tokens — as parity feeds HF."""
+        from runtime.pipelines import make_pipeline
+        from runtime.text import format_prompt
 
-        prompts = [self.processor.apply_chat_template(messages(q), add_generation_prompt=True) for q in questions]
-        return self.processor(images=[[image] for image in images], text=prompts, return_tensors="pt",
-                              add_special_tokens=False)
+        prompt = make_pipeline(self.manifest, runners={}).prompt
+        chat = prompt.chat_template is not None
+        if chat:
+            def messages(question):
+                return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+            texts = [self.processor.apply_chat_template(messages(q), add_generation_prompt=True) for q in questions]
+        else:
+            texts = [format_prompt(prompt.template, q) for q in questions]
+        kwargs = {"add_special_tokens": False} if chat else {}
+        return self.processor(images=[[image] for image in images], text=texts, return_tensors="pt", **kwargs)

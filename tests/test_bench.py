@@ -1,0 +1,121 @@
+"""The bench's harness on tiny models (a small grid, seconds): the JSON's structure, every figure present and
+positive, the FLOP lines consistent with the FLOP model, the PNG written, the peak-memory probes per row. No timing
+assertion: times on a shared machine are not a test's business. (The FLOP model's own hand-computed values:
+``tests/test_flops.py``.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.bench_report import spread
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("preprocess", "visual", "prefill", "decode")
+
+
+def run_bench(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=900)
+
+
+def check_report(out: Path, ratios, batches, baselines, new_tokens: int) -> dict:
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = report["rows"]
+    assert len(rows) == len(batches) * (len(ratios) + len(baselines))
+    assert {(r["system"], r["ratio"], r["batch"]) for r in rows} == (
+        {("ort-cpu", ratio, b) for ratio in ratios for b in batches} | {(name, 0.0, b) for name in baselines for b in batches})
+    for row in rows:
+        for stage in STAGES:
+            figures = row["stages_ms"][stage]
+            assert 0 < figures["p10"] <= figures["median"] <= figures["p90"], (row["system"], stage, figures)
+        for key in ("ttft_ms", "total_ms", "graph_ms"):
+            assert row[key]["median"] > 0, (row["system"], key)
+        assert row["ttft_ms"]["median"] < row["total_ms"]["median"]
+        assert row["graph_ms"]["median"] < row["total_ms"]["median"]
+        assert 0 <= row["outside_graph_share"] < 1
+        assert row["answers_per_s"] > 0 and row["per_answer_ms"] > 0
+        assert row["generated_tokens"] == new_tokens
+        assert row["kv_cache_bytes"]["self"] > 0
+        assert row["peak_rss_mb"] > 0
+    # HF's self-attention cache (unpruned) holds what the runtime's does at ratio 0, same batch; pruning never adds
+    for batch in batches:
+        by = {(r["system"], r["ratio"]): r for r in rows if r["batch"] == batch}
+        self_bytes = [by["ort-cpu", ratio]["kv_cache_bytes"]["self"] for ratio in sorted(ratios)]
+        assert self_bytes == sorted(self_bytes, reverse=True)
+        for name in baselines:
+            assert by[name, 0.0]["kv_cache_bytes"]["self"] == self_bytes[0]
+        # the runtime's process imports no torch; an HF baseline's does: a probe that read the bench's own peak
+        # (ru_maxrss survives exec) would make them equal
+        for name in baselines:
+            assert by["ort-cpu", 0.0]["peak_rss_mb"] < by[name, 0.0]["peak_rss_mb"]
+    speed = report["speedups"]
+    assert len(speed) == len(rows) and all(v > 0 for s in speed for v in s["speedup"].values())
+    lines = report["flop_model"]
+    pruned = [ratio for ratio in ratios if ratio > 0]
+    assert len(lines) == len(batches) * len(pruned) * 4
+    for line in lines:
+        assert line["predicted_speedup"] >= 1 and line["measured_speedup"] > 0
+        assert line["flops_removed"] == pytest.approx(1 - 1 / line["predicted_speedup"], abs=2e-3)
+    return report
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2(tmp_path_factory):
+    from export.tiny import TinyBlip2Spec, build_word_tokenizer, make_tiny_blip2
+
+    return make_tiny_blip2(tmp_path_factory.mktemp("bench") / "tiny-blip2", TinyBlip2Spec(image_size=32, num_queries=8),
+                           tokenizer=build_word_tokenizer())
+
+
+def test_bench_blip2_grid(tiny_blip2, tmp_path):
+    out = tmp_path / "out"
+    result = run_bench("--model", tiny_blip2, "--ratios", "0,0.5", "--batches", "1,2", "--repeats", 3, "--warmup", 1,
+                       "--new-tokens", 3, "--out", out, "--engines-cache", tmp_path / "cache", "--question", "what shape?")
+    assert result.returncode == 0, result.stderr
+    report = check_report(out, [0.0, 0.5], [1, 2], ["hf-sdpa", "hf-eager"], 3)
+    assert report["meta"]["image_size"] == [32, 32]  # the model's own input size by default
+    # the printed table and the predicted-vs-measured lines
+    assert "vs sdpa" in result.stdout and "pruning removed" in result.stdout
+    prefill = [line for line in report["flop_model"] if line["stage"] == "prefill"]
+    assert all(line["flops_removed"] > 0 for line in prefill)  # fewer queries in the LM's prefill
+    by = {(r["system"], r["ratio"], r["batch"]): r["kv_cache_bytes"]["self"] for r in report["rows"]}
+    assert by["ort-cpu", 0.5, 2] < by["ort-cpu", 0.0, 2]  # the LM's prompt holds k queries, not Q
+    visual = [line for line in report["flop_model"] if line["stage"] == "visual"]
+    assert all(line["flops_removed"] < 0.05 for line in visual)  # ViT + Q-Former untouched by CATP
+
+
+@pytest.mark.slow
+def test_bench_mllama_grid(tmp_path):
+    from export.tiny import make_tiny_mllama
+
+    model = make_tiny_mllama(tmp_path / "tiny-mllama")
+    out = tmp_path / "out"
+    result = run_bench("--model", model, "--ratios", "0,0.5", "--batches", "2", "--repeats", 2, "--warmup", 1,
+                       "--new-tokens", 3, "--out", out, "--engines-cache", tmp_path / "cache", "--baselines", "hf-sdpa")
+    assert result.returncode == 0, result.stderr
+    report = check_report(out, [0.0, 0.5], [2], ["hf-sdpa"], 3)
+    by = {(r["system"], r["ratio"]): r for r in report["rows"]}
+    # the trimmed cross-attention keys/values are held at k in the later layers: fewer bytes than unpruned
+    assert by["ort-cpu", 0.5]["kv_cache_bytes"]["cross"] < by["ort-cpu", 0.0]["kv_cache_bytes"]["cross"]
+    assert by["hf-sdpa", 0.0]["kv_cache_bytes"]["cross"] == by["ort-cpu", 0.0]["kv_cache_bytes"]["cross"]
+
+
+def test_bench_refuses_bad_flags_in_one_line(tmp_path):
+    for args, message in ((["--baselines", "hf-tf"], "unknown --baselines"), (["--ratios", "1"], "--ratios"),
+                          (["--batches", "0"], "--batches"), (["--backends", ""], "--backends")):
+        result = run_bench(*args, "--out", tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_spread_by_hand():
+    assert spread([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median": 3.0, "p10": 1.0, "p90": 5.0}
+    assert spread([2.0]) == {"median": 2.0, "p10": 2.0, "p90": 2.0}
