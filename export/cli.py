@@ -1,9 +1,10 @@
-"""``vtprune``: the one console script, a thin dispatcher over the project's four CLIs.
+"""``vtprune``: the one console script, a thin dispatcher over the project's CLIs.
 
     vtprune build  ...   export/build.py         pruned static-shape ONNX graphs + manifest from a checkpoint
     vtprune infer  ...   runtime/infer.py        answer questions with an engines folder (no torch)
     vtprune parity ...   runtime/parity          every stage against the PyTorch reference
     vtprune eval   ...   export/evaluate.py      accuracy against pruning ratio over a VQA data set
+    vtprune bench  ...   export/bench.py         speed per stage against HF generate and the FLOP model
 
 Everything after the command goes to that CLI's own ``main(argv)`` unchanged, so ``vtprune <command> --help`` is
 the command's own help, and flags, output and exit codes are the command's. The table below names each command's
@@ -30,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "infer": Command("runtime.infer", "answer questions about images with an engines folder (no torch)"),
     "parity": Command("runtime.parity.__main__", "compare every stage of an engines folder with the PyTorch reference"),
     "eval": Command("export.evaluate", "accuracy against pruning ratio over a VQA data set (a grid of configurations)"),
+    "bench": Command("export.bench", "speed per stage against pruning ratio, HF generate and the FLOP model"),
 }
 
 
