@@ -91,19 +91,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict[str, np.ndarray]:
     """BLIP/BLIP-2 (``BlipImageProcessorPil``): RGB → resize (H, W) → rescale → normalise → (B, 3, H, W) float32."""
     height, width = settings["size"]
-    batch = []
+    arrays = []
     for image in images:
         if settings.get("do_convert_rgb", True):
             image = to_rgb(image)
         if settings.get("do_resize", True):
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
-        pixels = np.asarray(image).astype(np.float64)  # (H, W, 3)
-        if settings.get("do_rescale", True):
-            pixels = pixels * settings["rescale_factor"]
-        if settings.get("do_normalize", True):
-            pixels = (pixels - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
-        batch.append(pixels.transpose(2, 0, 1).astype(np.float32))  # (3, H, W)
-    return {"pixel_values": np.stack(batch)}
+        arrays.append(np.asarray(image))  # (H, W, 3) uint8
+    pixels = np.stack(arrays).astype(np.float64)  # (B, H, W, 3): one pass over the batch, same math per element
+    if settings.get("do_rescale", True):
+        pixels = pixels * settings["rescale_factor"]
+    if settings.get("do_normalize", True):
+        pixels = (pixels - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
+    return {"pixel_values": pixels.transpose(0, 3, 1, 2).astype(np.float32)}  # (B, 3, H, W)
 
 
 # ------------------------------------------------------------------------------------------------ Mllama

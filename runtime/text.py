@@ -49,5 +49,10 @@ class TextCodec:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + ids + self.suffix_ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` for a batch in one tokenizer call."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [self.prefix_ids + encoding.ids + self.suffix_ids for encoding in encodings]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -83,17 +83,20 @@ class BatchedPipeline:
         """(B,) how many tokens each prompt leaves room for before the position limit."""
         return self.position_limit - self.first_generated_positions(text_ids)
 
-    def check_context(self, questions: list[str]) -> None:
+    def check_context(self, questions: list[str]) -> list[list[int]]:
         """Refuse (one line) any question whose prompt alone fills the model's positions; prompts that fit are
-        answered, and generation stops at the limit (``finish_reason`` ``context_limit``)."""
+        answered, and generation stops at the limit (``finish_reason`` ``context_limit``). Returns the prompts'
+        token ids (encoded once per request)."""
         for index, question in enumerate(questions):
             check_text(question, f"question {index + 1}")
-        rooms = self.row_limits(self.encode_questions(questions))  # (B,)
+        text_ids = self.encode_questions(questions)
+        rooms = self.row_limits(text_ids)  # (B,)
         for index in np.flatnonzero(rooms < 1)[:1]:
             used = self.position_limit - int(rooms[index])
             raise UsageError(
                 f"question {index + 1} is too long for this model: its prompt (+ visual tokens) takes {used} "
                 f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
+        return text_ids
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None) -> list[Answer]:
         """Answer (image, question) pairs. ``images``: PIL images or paths (decoded per batch); ``pixel_values``:
@@ -102,14 +105,14 @@ class BatchedPipeline:
             return []
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        self.check_context(questions)
+        text_ids = self.check_context(questions)
         max_batch = self.manifest.max_batch
         answers: list[Answer] = []
         for start in range(0, len(questions), max_batch):
             stop = start + max_batch
             batch_images = [self.open_image(image) for image in images[start:stop]] if images else []
             answers += self.answer_batch(batch_images, questions[start:stop], max_new_tokens,
-                                         slice_pixels(pixel_values, start, stop))
+                                         slice_pixels(pixel_values, start, stop), text_ids[start:stop])
         return answers
 
     def open_image(self, image) -> Image.Image:
@@ -131,7 +134,7 @@ class BatchedPipeline:
         return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
                              self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
 
-    def answer_batch(self, images, questions, max_new_tokens, pixel_values) -> list[Answer]:
+    def answer_batch(self, images, questions, max_new_tokens, pixel_values, text_ids=None) -> list[Answer]:
         raise NotImplementedError
 
 

@@ -73,7 +73,7 @@ class Blip2Pipeline(BatchedPipeline):
         return preprocess(images, self.manifest.preprocess)["pixel_values"]
 
     def encode_questions(self, questions: list[str]) -> list[list[int]]:
-        return [self.text.encode(format_prompt(self.prompt_template, q)) for q in questions]
+        return self.text.encode_many([format_prompt(self.prompt_template, q) for q in questions])
 
     def visual(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """pixel_values (B, 3, H, W) → query_embeds (B, k, E), kept_indices (B, k), scores (B, Q)."""
@@ -101,11 +101,12 @@ class Blip2Pipeline(BatchedPipeline):
 
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
-                     pixel_values: np.ndarray | None) -> list[Answer]:
+                     pixel_values: np.ndarray | None, text_ids: list[list[int]] | None = None) -> list[Answer]:
         clock = Clock()
         if pixel_values is None:
             pixel_values = self.preprocess(images)
-        text_ids = self.encode_questions(questions)
+        if text_ids is None:
+            text_ids = self.encode_questions(questions)
         clock.lap("preprocess")
         visual = self.visual(pixel_values)
         clock.lap("visual")

@@ -174,10 +174,10 @@ class MllamaPipeline(BatchedPipeline):
 
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
-                     pixel_values: dict[str, np.ndarray] | None) -> list[Answer]:
+                     pixel_values: dict[str, np.ndarray] | None, text_ids: list[list[int]] | None = None) -> list[Answer]:
         clock = Clock()
         pixels = pixel_values if pixel_values is not None else self.preprocess(images)
-        ids = self.encode_questions(questions)
+        ids = text_ids if text_ids is not None else self.encode_questions(questions)
         clock.lap("preprocess")
         states = self.vision(pixels)
         clock.lap("visual")
