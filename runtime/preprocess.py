@@ -5,6 +5,8 @@ runtime never reads HF's config formats. Each processor kind is one function reg
 """
 from __future__ import annotations
 
+import json
+
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,19 +93,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict[str, np.ndarray]:
     """BLIP/BLIP-2 (``BlipImageProcessorPil``): RGB → resize (H, W) → rescale → normalise → (B, 3, H, W) float32."""
     height, width = settings["size"]
-    arrays = []
-    for image in images:
+    table = value_table(settings)  # (3, 256) float32
+    pixel_values = np.empty((len(images), 3, height, width), dtype=np.float32)  # (B, 3, H, W)
+    for row, image in enumerate(images):
         if settings.get("do_convert_rgb", True):
             image = to_rgb(image)
         if settings.get("do_resize", True):
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
-        arrays.append(np.asarray(image))  # (H, W, 3) uint8
-    pixels = np.stack(arrays).astype(np.float64)  # (B, H, W, 3): one pass over the batch, same math per element
-    if settings.get("do_rescale", True):
-        pixels = pixels * settings["rescale_factor"]
-    if settings.get("do_normalize", True):
-        pixels = (pixels - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
-    return {"pixel_values": pixels.transpose(0, 3, 1, 2).astype(np.float32)}  # (B, 3, H, W)
+        pixels = np.asarray(image)  # (H, W, 3) uint8
+        for channel in range(3):
+            pixel_values[row, channel] = table[channel][pixels[:, :, channel]]  # (H, W)
+    return {"pixel_values": pixel_values}
+
+
+def value_table(settings: dict[str, Any]) -> np.ndarray:
+    """(3, 256) float32: what rescale → normalise (float64, HF's order of operations) makes of each 8-bit value in
+    each channel. A resized RGB image has only these 256 values per channel, so a lookup gives the same bits as
+    computing every pixel — at a fraction of the cost (README "Speed")."""
+    key = json.dumps({name: settings.get(name) for name in ("do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                                                            "image_std")}, sort_keys=True)
+    if key not in _TABLES:
+        values = np.broadcast_to(np.arange(256, dtype=np.float64), (3, 256)).T  # (256, 3): every value, each channel
+        if settings.get("do_rescale", True):
+            values = values * settings["rescale_factor"]
+        if settings.get("do_normalize", True):
+            values = (values - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
+        _TABLES[key] = np.ascontiguousarray(values.T.astype(np.float32))  # (3, 256)
+    return _TABLES[key]
+
+
+_TABLES: dict[str, np.ndarray] = {}
 
 
 # ------------------------------------------------------------------------------------------------ Mllama
