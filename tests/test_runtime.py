@@ -197,3 +197,23 @@ def test_rank_bound_comparisons():
     assert tie["passed"] and tie["near_ties"] == 1 and tie["rows"][0]["bounds"] == {2: [19.0, 21.0], 0: [10.0, 19.5]}
     same = compare_kept_sets_with_bounds(lower, upper, reference_kept, reference_kept, 1e-5)
     assert same["passed"] and same["rows"] == [{"row": 0, "equal": True}]
+
+
+def test_blip_preprocessing_table_equals_per_pixel_math():
+    """The lookup table gives the bits HF's per-pixel float64 rescale → normalise gives (odd sizes, resized)."""
+    from PIL import Image
+
+    from runtime.preprocess import preprocess, to_rgb
+
+    settings = {"kind": "blip", "size": [24, 40], "do_resize": True, "resample": 3, "do_convert_rgb": True,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8))
+              for h, w in rng.integers(5, 90, (4, 2))] + [Image.new("L", (7, 9), 200)]
+    expected = []
+    for image in images:
+        pixels = np.asarray(to_rgb(image).resize((40, 24), resample=Image.Resampling(3))).astype(np.float64)
+        pixels = (pixels * settings["rescale_factor"] - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
+        expected.append(pixels.transpose(2, 0, 1).astype(np.float32))
+    np.testing.assert_array_equal(preprocess(images, settings)["pixel_values"], np.stack(expected))
