@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
                         help="decode steps over buffers bound once (ONNX Runtime IO binding); auto: on for the CPU "
                              "provider, where it was measured faster (README, KV cache)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads per graph session (default 0: one per physical core)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
+                        help="let ONNX Runtime's idle threads busy-wait between runs (default off: the pipeline's "
+                             "sessions share the cores; README \"Speed\")")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_IMAGE_PIXELS}, "
                              "Pillow's decompression-bomb limit)")
@@ -121,10 +126,21 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_image_pixels < 1:
         raise UsageError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be 0 (ONNX Runtime's default) or more, got {args.threads}")
     if args.prompt_template is not None:
         from runtime.text import format_prompt
 
         format_prompt(args.prompt_template, "")  # the template's own checks, before any file is read
+
+
+def ort_settings(args: argparse.Namespace, backend: str):
+    """The ONNX Runtime session settings of ``--threads`` / ``--spin``; None for other backends."""
+    if not backend.startswith("ort"):
+        return None
+    from runtime.backends.ort import OrtSettings
+
+    return OrtSettings(threads=args.threads, spinning=args.spin)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest.max_batch = min(manifest.max_batch, args.batch_size)
         for path, _ in samples:  # every image readable and within the pixel limit, before anything runs
             peek_image(path, args.max_image_pixels)
-        pipeline = make_pipeline(manifest, load_runners(manifest, backend), args.prompt_template)
+        pipeline = make_pipeline(manifest, load_runners(manifest, backend, ort_settings(args, backend)), args.prompt_template)
         pipeline.max_image_pixels = args.max_image_pixels
         pipeline.io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
         answers = pipeline.answer([path for path, _ in samples], [q for _, q in samples], max_new_tokens=args.max_new_tokens)

@@ -33,12 +33,13 @@ class OrtSettings:
     """How every session of a pipeline runs (``runtime/infer.py --threads``, ``--spin``; the bench sweeps them).
 
     ``threads``: intra-op threads per session (0: ONNX Runtime's default, one per physical core). ``spinning``: the
-    pool's threads busy-wait after a run (ORT's default) — fastest for one session called back to back, but a
+    pool's threads busy-wait after a run (ORT's own default) — fastest for one session called back to back, but a
     pipeline's other sessions and anything else in the process (a PyTorch baseline) then compete with spinning
-    threads: measured in README "Speed". ``optimization``: the graph optimization level."""
+    threads, so it is off here unless asked for: measured in README "Speed". ``optimization``: the graph
+    optimization level."""
 
     threads: int = 0
-    spinning: bool = True
+    spinning: bool = False
     optimization: str = "all"
 
     def session_options(self):
