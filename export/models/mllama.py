@@ -206,7 +206,7 @@ class TrimmedPrefill(_Text):
                 continue
             if kept_indices is None:  # the first cross-attention layer: score, select, then attend
                 key, value = cross_key_value(layer, states)  # (B, KV, N, Dh)
-                _, probs = cross_attention_layer(layer, hidden, key, value, full_mask, row_mask)  # (B, H, T, N)
+                attended, probs = cross_attention_layer(layer, hidden, key, value, full_mask, row_mask)  # (B, H, T, N)
                 # text rows that see no image, and padding, do not vote
                 row_weights = row_mask[:, 0, :, 0] * attention_mask.to(torch.float32)  # (B, T)
                 if stop_at_scores:
@@ -217,8 +217,8 @@ class TrimmedPrefill(_Text):
                 if self.trim_first_layer:
                     key, value = gather_tokens(key, kept_indices, 2), gather_tokens(value, kept_indices, 2)  # (B, KV, k, Dh)
                     hidden, _ = cross_attention_layer(layer, hidden, key, value, kept_mask, row_mask)
-                else:
-                    hidden, _ = cross_attention_layer(layer, hidden, key, value, full_mask, row_mask)
+                else:  # the layer attends every token: the pass that scored them is its output (computed once)
+                    hidden = attended
             else:
                 kept_states = gather_tokens(states, kept_indices, dim=1)  # (B, k, D)
                 key, value = cross_key_value(layer, kept_states)  # (B, KV, k, Dh)
