@@ -33,6 +33,11 @@ def row_summary(row: dict) -> dict:
     return {
         **{key: value for key, value in row.items() if key != "runs"},
         "stages_ms": {stage: spread([run.stages_ms[stage] for run in runs]) for stage in STAGES},
+        # the request's time outside the four stages: argument checks and prompt encoding, answer assembly (runtime);
+        # generate()'s own work between the model's calls (HF)
+        "other_ms": spread([run.total_ms - sum(run.stages_ms[stage] for stage in STAGES) for run in runs]),
+        # the first token comes from the prefill: the decode stage runs generated_tokens - 1 steps
+        "decode_per_token_ms": spread([run.stages_ms["decode"] / max(1, run.generated_tokens - 1) for run in runs]),
         "ttft_ms": spread([run.ttft_ms for run in runs]),
         "total_ms": spread(totals),
         "per_answer_ms": round(total / batch, 4),
@@ -128,16 +133,17 @@ def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     batches = sorted({row["batch"] for row in rows})
     figure, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
-    colors = {"preprocess": "#999999", "visual": "#4c72b0", "prefill": "#dd8452", "decode": "#55a868"}
+    colors = {"preprocess": "#999999", "visual": "#4c72b0", "prefill": "#dd8452", "decode": "#55a868", "other": "#c9c9c9"}
     for column, batch in enumerate(batches):
         ax = axes[0][column]
         cells = [row for row in rows if row["batch"] == batch]
         labels = [row["system"] if row["system"].startswith("hf-") else f"{row['system']}\nr{row['ratio']:g} k={row['k']}"
                   for row in cells]
         bottom = [0.0] * len(cells)
-        for stage in STAGES:
-            heights = [row["stages_ms"][stage]["median"] for row in cells]
-            ax.bar(range(len(cells)), heights, bottom=bottom, color=colors[stage], label=stage)
+        for stage in (*STAGES, "other"):
+            heights = [max(0.0, (row["other_ms"] if stage == "other" else row["stages_ms"][stage])["median"]) for row in cells]
+            ax.bar(range(len(cells)), heights, bottom=bottom, color=colors[stage], label=stage,
+                   hatch="//" if stage == "other" else None)
             bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_xticks(range(len(cells)), labels, fontsize=7)
         ax.set_ylabel("ms per request (median)")

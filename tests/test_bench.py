@@ -35,7 +35,9 @@ def check_report(out: Path, ratios, batches, baselines, new_tokens: int) -> dict
         for stage in STAGES:
             figures = row["stages_ms"][stage]
             assert 0 < figures["p10"] <= figures["median"] <= figures["p90"], (row["system"], stage, figures)
-        for key in ("ttft_ms", "total_ms", "graph_ms"):
+        parts = sum(row["stages_ms"][stage]["median"] for stage in STAGES)
+        assert parts < row["total_ms"]["median"] * 1.5 and "median" in row["other_ms"]
+        for key in ("ttft_ms", "total_ms", "graph_ms", "decode_per_token_ms"):
             assert row[key]["median"] > 0, (row["system"], key)
         assert row["ttft_ms"]["median"] < row["total_ms"]["median"]
         assert row["graph_ms"]["median"] < row["total_ms"]["median"]
