@@ -86,13 +86,11 @@ class TinyBlip2Spec:
 def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), tokenizer=None) -> Path:
     """Write a tiny ``Blip2ForConditionalGeneration`` (OPT) + ``Blip2Processor`` to ``folder``."""
     import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     folder = Path(folder)
     tokenizer = tokenizer or build_word_tokenizer()
-    image_processor = BlipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=spec.num_queries)
+    processor = blip2_processor(tokenizer, spec.image_size, spec.num_queries)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     config = Blip2Config(
@@ -131,17 +129,34 @@ def make_tiny_blip2(folder: str | Path, spec: TinyBlip2Spec = TinyBlip2Spec(), t
     )
     torch.manual_seed(spec.seed)
     model = Blip2ForConditionalGeneration(config).eval()
+    fix_blip2_init(model, spec.weight_scale)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def blip2_processor(tokenizer, image_size: int, num_queries: int):
+    """``Blip2Processor`` over ``tokenizer`` (which it gives an ``<image>`` token) with a square ``image_size``
+    resize and BLIP's defaults (bicubic, CLIP mean/std)."""
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_queries)
+
+
+def fix_blip2_init(model, weight_scale: float = 1.0) -> None:
+    """The init traps of a random BLIP-2, fixed in place (query tokens, LayerNorms; see the module docstring)."""
+    import torch
+
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 1.0)  # zero-initialised queries would all be identical
         for module in model.modules():  # LayerNorms at (1, 0) make every Q-Former output the same norm (l2 ties)
             if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.0, 0.1)
-            if isinstance(module, torch.nn.Linear) and spec.weight_scale != 1.0:
-                module.weight.mul_(spec.weight_scale)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+            if isinstance(module, torch.nn.Linear) and weight_scale != 1.0:
+                module.weight.mul_(weight_scale)
 
 
 # ------------------------------------------------------------------------------------------------ Mllama
@@ -202,11 +217,8 @@ def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()
     (the image would not matter), so they are set non-zero; the projector is redrawn at std 0.1 so that different
     images give different answers.
     """
-    import math
-
     import torch
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     tokenizer = build_mllama_tokenizer()
     text_vocab = tokenizer.convert_tokens_to_ids("<|image|>")
@@ -230,6 +242,19 @@ def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()
     )
     torch.manual_seed(spec.seed)
     model = MllamaForConditionalGeneration(config).eval()
+    fix_mllama_init(model)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    mllama_processor(tokenizer, spec.image_size, spec.max_num_tiles, spec.chat_template).save_pretrained(folder)
+    return folder
+
+
+def fix_mllama_init(model) -> None:
+    """The init traps of a random Mllama, fixed in place: non-zero gates, a projector redrawn at std 0.1."""
+    import math
+
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             kind = type(module).__name__
@@ -243,12 +268,16 @@ def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()
                 module.gate_ffn.fill_(math.pi / 4)
         model.model.multi_modal_projector.weight.normal_(0.0, 0.1)
     model.generation_config.do_sample = False
-    folder = Path(folder)
-    model.save_pretrained(folder)
+
+
+def mllama_processor(tokenizer, image_size: int, max_tiles: int, chat_template: bool = False):
+    """``MllamaProcessor`` over ``tokenizer``: square tiles of ``image_size``, up to ``max_tiles``, CLIP mean/std."""
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
     image_processor = MllamaImageProcessorPil(
-        size={"height": spec.image_size, "width": spec.image_size}, max_image_tiles=spec.max_num_tiles,
+        size={"height": image_size, "width": image_size}, max_image_tiles=max_tiles,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                    chat_template=MLLAMA_CHAT_TEMPLATE if spec.chat_template else None).save_pretrained(folder)
-    return folder
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                           chat_template=MLLAMA_CHAT_TEMPLATE if chat_template else None)
