@@ -2,9 +2,9 @@
 engines folder run by ONNX Runtime, or the PyTorch reference over the same pipeline code), the decoded images
 shared by every point (``ImageCache``), and the loop that answers and scores a data set (``answer_and_score``).
 
-Engines are cached per model *weights*: ``--engines-cache/<model>-<sha256 of the weights>/<config name>/``, and a
-folder is reused only when its manifest names these weights and this configuration (and its files pass their
-sha256), so a retrained model never meets a stale graph. Everything torch, ONNX Runtime or tqdm is imported inside
+Engines are cached per model *weights* and exporter source: ``--engines-cache/<model>-<sha256 of both>/<config
+name>/``, and a folder is reused only when its manifest names these weights and this configuration (and its files
+pass their sha256), so neither a retrained model nor a changed exporter meets a stale graph. Everything torch, ONNX Runtime or tqdm is imported inside
 the function that needs it: importing this module costs nothing (``--help`` and flag errors stay instant).
 """
 from __future__ import annotations
@@ -77,6 +77,20 @@ class Config:
                              image_importance=self.image_importance, seed=self.seed)
 
 
+GRAPH_SOURCES = ("adapters", "models", "pruning.py", "selection.py", "tracing.py", "builder.py")  # under export/
+
+
+def exporter_source_sha256() -> str:
+    """sha256 over the source that decides a graph's contents: the adapters, model paths, pruning math, tracing and
+    builder of ``export/``, and ``runtime/contract.py``."""
+    root = Path(__file__).resolve().parent
+    files = [path for name in GRAPH_SOURCES for path in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py"))]
+    digest = hashlib.sha256()
+    for path in sorted([*files, root.parent / "runtime" / "contract.py"]):
+        digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 class Pipelines:
     """A pipeline per configuration: a cached engines folder run by ONNX Runtime, or the PyTorch reference."""
 
@@ -87,7 +101,9 @@ class Pipelines:
         self.args, self.model = args, model
         self.adapter_cls = adapters.detect(model)  # architecture check before anything is built
         self.weights = weights_sha256(model)
-        digest = hashlib.sha256(json.dumps(self.weights, sort_keys=True).encode()).hexdigest()[:10]
+        # the weights and the exporter's own source: a changed graph (a new scoring op) never meets a stale cache
+        key = json.dumps({"weights": self.weights, "exporter": exporter_source_sha256()}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         self.cache = args.engines_cache / f"{model.name}-{digest}"
         self.adapter = None
         self.scratch: tempfile.TemporaryDirectory | None = None
