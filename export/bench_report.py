@@ -11,6 +11,7 @@ from pathlib import Path
 from export.bench_systems import STAGES
 
 REFERENCE = "hf-sdpa"  # speedups are against HF generate with sdpa attention, the same batch
+MIN_FIT_SPREAD = 0.2  # fit fixed + slope × FLOPs only where the ratios change a stage's FLOPs by 20% or more
 TOLERANCE = 0.15  # a pruned stage's measured speedup "matches" the FLOP model within this relative difference
 
 
@@ -90,6 +91,40 @@ def flop_lines(rows: list[dict], meta: dict, config: dict) -> list[dict]:
     return lines
 
 
+def fixed_cost_fits(rows: list[dict], lines: list[dict], meta: dict, config: dict) -> list[dict]:
+    """Where a backend and batch has three or more ratios: per stage, the least-squares line time = fixed + slope ×
+    FLOPs through the measured medians. ``fixed_ms`` is the part of the stage that does not shrink with k (per-call
+    overhead, work outside the graphs, memory-bound reads); with it the FLOP model predicts the measured speedup
+    (``predicted_with_fixed``) — the measurement that explains a pruned stage's gap to the FLOP-only prediction."""
+    import numpy as np
+
+    from export import flops
+
+    fits = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if not row["system"].startswith("hf-"):
+            groups.setdefault((row["system"], row["batch"]), []).append(row)
+    for (system, batch), members in groups.items():
+        if len({row["ratio"] for row in members}) < 3:
+            continue
+        members = sorted(members, key=lambda row: row["ratio"])
+        costs = [flops.stage_costs(config, kept=row["k"], text_len=meta["text_tokens"], batch=batch,
+                                   new_tokens=meta["new_tokens"]) for row in members]
+        for stage in ("visual", "prefill", "decode"):
+            gflops = np.array([cost[stage].flops / 1e9 for cost in costs])
+            times = np.array([row["stages_ms"][stage]["median"] for row in members])
+            if np.ptp(gflops) < MIN_FIT_SPREAD * gflops.max():
+                continue  # pruning barely changes this stage's work: a line through noise says nothing
+            slope, fixed = np.polyfit(gflops, times, 1)
+            for row, flop in zip(members[1:], gflops[1:]):
+                fits.append({"system": system, "batch": batch, "ratio": row["ratio"], "stage": stage,
+                             "fixed_ms": round(float(fixed), 4), "ms_per_gflop": round(float(slope), 4),
+                             "fixed_share_unpruned": round(float(fixed / times[0]), 4),
+                             "predicted_with_fixed": round(float((fixed + slope * gflops[0]) / (fixed + slope * flop)), 3)})
+    return fits
+
+
 def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
     summary = [row_summary(row) for row in rows]
     for row in summary:
@@ -98,7 +133,9 @@ def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
 
             raise BackendError(f"{row['system']} (batch {row['batch']}) generated {row['generated_tokens']} tokens, not "
                                f"{meta['new_tokens']}: rows would not do the same work")
-    return {"meta": meta, "rows": summary, "speedups": speedups(summary), "flop_model": flop_lines(summary, meta, config)}
+    lines = flop_lines(summary, meta, config)
+    return {"meta": meta, "rows": summary, "speedups": speedups(summary), "flop_model": lines,
+            "fixed_cost_fits": fixed_cost_fits(summary, lines, meta, config)}
 
 
 def describe_line(line: dict) -> str:
@@ -182,5 +219,9 @@ def write_outputs(report: dict, out: Path) -> None:
             raise
     print(table(report))
     print()
+    fits = {(f["system"], f["batch"], f["ratio"], f["stage"]): f for f in report["fixed_cost_fits"]}
     for line in report["flop_model"]:
-        print(describe_line(line))
+        fit = fits.get((line["system"], line["batch"], line["ratio"], line["stage"]))
+        extra = "" if fit is None else (f"; with a fixed {fit['fixed_ms']:.3g} ms ({fit['fixed_share_unpruned']:.0%} of the "
+                                        f"unpruned stage) the model predicts {fit['predicted_with_fixed']:.2f}×")
+        print(describe_line(line) + extra)

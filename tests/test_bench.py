@@ -118,6 +118,34 @@ def test_bench_refuses_bad_flags_in_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_fixed_cost_fit_by_hand():
+    """time = 2 ms + 3 ms/GFLOP through three ratios: the fit recovers both, and its prediction is the time ratio."""
+    from export.bench_report import fixed_cost_fits
+
+    class Cost:
+        def __init__(self, gflops):
+            self.flops = gflops * 1e9
+
+    def fake_costs(config, kept, **_):
+        return {"visual": Cost(1.0), "prefill": Cost(kept / 10), "decode": Cost(1.0)}
+
+    rows = [{"system": "ort-cpu", "batch": 1, "ratio": ratio, "k": k,
+             "stages_ms": {stage: {"median": (2 + 3 * k / 10) if stage == "prefill" else 5.0} for stage in STAGES}}
+            for ratio, k in ((0.0, 40), (0.5, 20), (0.75, 10))]
+    import export.flops
+
+    original = export.flops.stage_costs
+    export.flops.stage_costs = fake_costs
+    try:
+        fits = fixed_cost_fits(rows, [], {"text_tokens": 5, "new_tokens": 3}, {})
+    finally:
+        export.flops.stage_costs = original
+    assert [(f["stage"], f["ratio"]) for f in fits] == [("prefill", 0.5), ("prefill", 0.75)]  # visual/decode unchanged
+    assert fits[0]["fixed_ms"] == pytest.approx(2) and fits[0]["ms_per_gflop"] == pytest.approx(3)
+    assert fits[0]["predicted_with_fixed"] == pytest.approx(14 / 8, abs=1e-3)
+    assert fits[1]["predicted_with_fixed"] == pytest.approx(14 / 5, abs=1e-3)
+
+
 def test_spread_by_hand():
     assert spread([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median": 3.0, "p10": 1.0, "p90": 5.0}
     assert spread([2.0]) == {"median": 2.0, "p10": 2.0, "p90": 2.0}
