@@ -49,6 +49,29 @@ def stage_outside(system, run_once):
         base.Clock.lap = original
 
 
+def isolated(args: argparse.Namespace) -> int:
+    """Every (round, setting) in a fresh process of this script; rows gain their round."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_number in range(1, args.isolated + 1):
+            for name in args.settings:
+                out = Path(scratch) / f"{round_number}-{len(rows)}.json"
+                command = [sys.executable, __file__, "--engines", *map(str, args.engines), "--settings", name,
+                           "--batches", *map(str, args.batches), "--new-tokens", str(args.new_tokens),
+                           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--out", str(out)]
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                for row in json.loads(out.read_text())["rows"]:
+                    rows.append({"round": round_number, **row})
+                    print(json.dumps(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"repeats": args.repeats, "new_tokens": args.new_tokens, "isolated_rounds": args.isolated,
+                                    "rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=Path, nargs="+", required=True)
@@ -58,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
+                        help="each setting alone in its own process, ROUNDS rounds alternating (see above)")
     args = parser.parse_args(argv)
+    if args.isolated:
+        return isolated(args)
 
     from export.bench import model_image_size, sample_images
     from export.bench_systems import PipelineSystem
