@@ -125,8 +125,20 @@ def fixed_cost_fits(rows: list[dict], lines: list[dict], meta: dict, config: dic
     return fits
 
 
+def model_costs(row: dict, meta: dict, config: dict) -> dict[str, dict[str, float]]:
+    """The FLOP and bytes model's figures for a row, every stage and sub-stage (``prefill.cross_kv_build``, …):
+    the split the timings cannot make inside one graph."""
+    from export import flops
+
+    costs = flops.stage_costs(config, kept=row["k"], text_len=meta["text_tokens"], batch=row["batch"],
+                              new_tokens=meta["new_tokens"])
+    return {name: {"gflops": round(cost.flops / 1e9, 6), "gbytes": round(cost.bytes / 1e9, 6)} for name, cost in costs.items()}
+
+
 def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
     summary = [row_summary(row) for row in rows]
+    for row in summary:
+        row["model_costs"] = model_costs(row, meta, config)
     for row in summary:
         if row["generated_tokens"] != meta["new_tokens"]:
             from runtime.errors import BackendError

@@ -46,6 +46,7 @@ def check_report(out: Path, ratios, batches, baselines, new_tokens: int) -> dict
         assert row["generated_tokens"] == new_tokens
         assert row["kv_cache_bytes"]["self"] > 0
         assert row["peak_rss_mb"] > 0
+        assert all(cost["gflops"] >= 0 for cost in row["model_costs"].values()) and row["model_costs"]["prefill"]["gflops"] > 0
     # HF's self-attention cache (unpruned) holds what the runtime's does at ratio 0, same batch; pruning never adds
     for batch in batches:
         by = {(r["system"], r["ratio"]): r for r in rows if r["batch"] == batch}
@@ -104,6 +105,9 @@ def test_bench_mllama_grid(tmp_path):
     assert result.returncode == 0, result.stderr
     report = check_report(out, [0.0, 0.5], [2], ["hf-sdpa"], 3)
     by = {(r["system"], r["ratio"]): r for r in report["rows"]}
+    # the FLOP model's sub-stages are in every row: the cross-attention KV build shrinks with k
+    assert by["ort-cpu", 0.5]["model_costs"]["prefill.cross_kv_build"]["gflops"] < \
+        by["ort-cpu", 0.0]["model_costs"]["prefill.cross_kv_build"]["gflops"]
     # the trimmed cross-attention keys/values are held at k in the later layers: fewer bytes than unpruned
     assert by["ort-cpu", 0.5]["kv_cache_bytes"]["cross"] < by["ort-cpu", 0.0]["kv_cache_bytes"]["cross"]
     assert by["hf-sdpa", 0.0]["kv_cache_bytes"]["cross"] == by["ort-cpu", 0.0]["kv_cache_bytes"]["cross"]
