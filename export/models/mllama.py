@@ -20,7 +20,7 @@ from torch import nn
 from export import pruning
 from export.models.kv_cache import attend_cached, cache_bias, cache_names
 from export.models.masks import additive_mask
-from export.models.precision import wide_dtype, widen
+from export.models.precision import head_logits, wide_dtype
 from export.selection import gather_tokens
 from runtime.errors import CheckpointError
 
@@ -152,7 +152,7 @@ class _Text(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.text.norm(hidden[:, -1:])  # (B, 1, D): only the last position is needed
-        return widen(self.lm_head(hidden)[:, 0])  # (B, V)
+        return head_logits(self.lm_head, hidden)  # (B, V)
 
 
 class TrimmedPrefill(_Text):

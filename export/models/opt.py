@@ -16,7 +16,7 @@ from torch import nn
 
 from export.models.kv_cache import attend_cached, cache_bias
 from export.models.masks import additive_mask
-from export.models.precision import widen
+from export.models.precision import head_logits, widen
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding shifts every position id by 2
 
@@ -113,7 +113,7 @@ def forward(
         last = _layer_norm(last, decoder.final_layer_norm)
     if decoder.project_out is not None:
         last = decoder.project_out(last)
-    logits = widen(lm.lm_head(last)[:, 0, :])  # (B, V)
+    logits = head_logits(lm.lm_head, last)  # (B, V)
     return logits, present
 
 
