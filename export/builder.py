@@ -16,7 +16,8 @@ from pathlib import Path
 
 from export import adapters, outdir, pruning
 from export.pruning import PruningConfig
-from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
+from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, check_graph, export_graph
+from export.weights import share_weights
 from runtime.contract import POSITION_POLICIES, ResolvedPruning
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
@@ -153,7 +154,7 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
 
     outdir.recover(out)  # leftovers of killed builds into the same folder
     staging = outdir.make_staging(out)  # fails here, not after loading, when the folder cannot be created
-    progress = Progress(total=3 + 4 + (options.backend == "trt"), quiet=quiet)
+    progress = Progress(total=4 + 4 + (options.backend == "trt"), quiet=quiet)
     try:
         progress(f"loading {adapter_cls.name} checkpoint {options.model}")
         adapter = adapters.load(adapter_cls, options.model, options.precision)
@@ -163,6 +164,13 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
         for graph in adapter.graphs(resolved):
             progress(f"tracing {graph.name} graph")
             manifest.graphs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
+        progress("storing every weight once (weights.bin)")
+        sharing = share_weights(staging, manifest.graphs)
+        for spec in manifest.graphs.values():
+            check_graph(staging / spec.file)
+        if not quiet:
+            print(f"  weights: {sharing.graph_initializer_bytes / 1e6:.1f} MB across the graphs → "
+                  f"{sharing.unique_bytes / 1e6:.1f} MB stored once ({sharing.unique_tensors} tensors)", file=sys.stderr)
         dim_names = {dim for spec in manifest.graphs.values() for tensor in (*spec.inputs, *spec.outputs)
                      for dim in tensor.shape if isinstance(dim, str)}
         manifest.dynamic_dims = adapter.dynamic_dims(dim_names, options.max_batch)

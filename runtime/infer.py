@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
                         help="let ONNX Runtime's idle threads busy-wait between runs (default off: the pipeline's "
                              "sessions share the cores; README \"Speed\")")
+    parser.add_argument("--share-weights", action="store_true",
+                        help="one copy of the language model's weights in memory for the prefill and decode graphs "
+                             "(ONNX Runtime shared initializers, no repacking): about half the memory, slower prefill "
+                             "(README \"One copy of every weight\")")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_IMAGE_PIXELS}, "
                              "Pillow's decompression-bomb limit)")
@@ -140,7 +144,7 @@ def ort_settings(args: argparse.Namespace, backend: str):
         return None
     from runtime.backends.ort import OrtSettings
 
-    return OrtSettings(threads=args.threads, spinning=args.spin)
+    return OrtSettings(threads=args.threads, spinning=args.spin, share_weights=args.share_weights)
 
 
 def main(argv: list[str] | None = None) -> int:

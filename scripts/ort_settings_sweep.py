@@ -24,6 +24,8 @@ SETTINGS = {  # name → OrtSettings fields
     "1 thread": {"threads": 1},
     "optimization extended": {"optimization": "extended"},
     "optimization basic": {"optimization": "basic"},
+    "shared weights": {"share_weights": True},
+    "shared + prepacked weights": {"share_weights": True, "prepack_weights": True},
 }
 
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             systems.append(({"engines": str(engines), "setting": name},
                             PipelineSystem(engines, "ort-cpu", OrtSettings(**SETTINGS[name]))))
     images = sample_images(max(args.batches), model_image_size(systems[0][1].manifest.preprocess))
+
     question = "what shape is in the image?"
     cells = [(describe, system, batch) for batch in args.batches for describe, system in systems]
     results = {index: [] for index in range(len(cells))}
@@ -108,13 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             run, outside = stage_outside(system, lambda: system.run(images[:batch], [question] * batch, args.new_tokens))
             if repetition >= args.warmup:
                 results[index].append((run, outside))
+    from export.bench_memory import peak_rss_kib
+
+    process_peak = round(peak_rss_kib() / 1024)  # the whole process: one setting's own figure under --isolated
     rows = []
     for index, (describe, system, batch) in enumerate(cells):
         runs = results[index]
         total = statistics.median(run.total_ms for run, _ in runs)
         graph = statistics.median(run.graph_ms for run, _ in runs)
         outside = statistics.median(run.total_ms - run.graph_ms for run, _ in runs)
-        row = {**describe, "batch": batch, "total_ms": round(total, 3), "graph_ms": round(graph, 3),
+        stages = {stage: round(statistics.median(run.stages_ms[stage] for run, _ in runs), 3) for stage in runs[0][0].stages_ms}
+        row = {**describe, "batch": batch, "process_peak_rss_mb": process_peak, "stages_ms": stages,
+               "total_ms": round(total, 3), "graph_ms": round(graph, 3),
                "outside_graph_ms": round(outside, 3), "outside_share": round(outside / total, 4),
                "outside_by_stage_ms": {stage: round(statistics.median(o[stage] for _, o in runs), 3) for stage in runs[0][1]}}
         rows.append(row)

@@ -182,16 +182,40 @@ def test_hf_anchor_pruned_compact(engines_factory):
 
 
 def test_external_data_with_forced_threshold(tiny_blip2, tmp_path):
+    """Graphs traced with external data (a forced threshold) end up reading the one shared weights.bin too."""
     out = build(BuildOptions(model=tiny_blip2, out=tmp_path / "ext", pruning=PruningConfig(ratio=0.5),
                              external_data_threshold=1), tmp_path, quiet=True)
     manifest = Manifest.load(out)
+    assert not list(out.glob("*.onnx.data"))  # the tracer's per-graph files were consumed
     for name, graph in manifest.graphs.items():
-        assert graph.external_data == f"{name}.onnx.data"
-        assert (out / graph.external_data).stat().st_size > 0
-        assert graph.external_data in manifest.files
+        assert graph.external_data == "weights.bin" and "weights.bin" in manifest.files
         header = onnx.load(str(out / graph.file), load_external_data=False)
         assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
     assert_passed(parity(out, 2))
+
+
+def test_every_weight_stored_once(engines):
+    """weights.bin holds each distinct tensor once; prefill and decode read the same tensors; the head tied to the
+    token table is that table (Gemm over it), not a transposed copy; the graph files add up to the unique bytes."""
+    import hashlib
+    import json
+
+    index = json.loads((engines / "weights.json").read_text())
+    blob = (engines / "weights.bin").read_bytes()
+    contents = [hashlib.sha256(blob[t["offset"]:t["offset"] + t["length"]]).hexdigest() for t in index["tensors"].values()]
+    assert len(contents) == len(set(contents))  # no content twice
+    prefill, decode = set(index["graphs"]["prefill"]), set(index["graphs"]["decode"])
+    assert len(prefill & decode) >= 0.9 * len(prefill)  # the language model's weights, shared
+    table = {name for name in index["graphs"]["embed"]}
+    assert table and table <= decode
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(engines / f"{graph}.onnx"), load_external_data=False)
+        heads = [node for node in model.graph.node if node.op_type == "Gemm"]
+        assert heads and heads[-1].input[1] in table  # logits straight from the token table
+    unique = sum(t["length"] for t in index["tensors"].values())
+    assert len(blob) <= unique + len(index["tensors"]) * index["alignment"]  # each once, plus alignment padding
+    graphs = sum((engines / name).stat().st_size for name in Manifest.load(engines).files if name.endswith(".onnx"))
+    assert graphs <= 0.05 * unique + 256 * 1024  # what stays in the graph files: structure and tensors under 1 KiB
 
 
 # ------------------------------------------------------------------------------------------------ CLI errors
@@ -248,17 +272,21 @@ def test_missing_model_folder(tmp_path):
 
 
 def perturb_initializer(engines, graph_name: str) -> str:
-    """Add noise to the largest float initializer of one graph and re-hash the manifest (a wrong build)."""
-    path = engines / f"{graph_name}.onnx"
-    model = onnx.load(str(path))
-    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
-    target = max(floats, key=lambda t: int(np.prod(t.dims)))
-    values = onnx.numpy_helper.to_array(target).copy()
-    values += np.random.default_rng(0).normal(0, 0.05, values.shape).astype(values.dtype)
-    target.CopyFrom(onnx.numpy_helper.from_array(values, target.name))
-    onnx.save(model, str(path))
+    """Add noise to the largest float tensor one graph reads — in the shared weights.bin, where every weight lives
+    (a graph's own copy would not be read: the runtime maps weights.bin) — and re-hash the manifest (a wrong build)."""
+    import json
+
+    index = json.loads((engines / "weights.json").read_text())
+    floats = [name for name in index["graphs"][graph_name] if index["tensors"][name]["dtype"] == "float32"]
+    target = max(floats, key=lambda name: index["tensors"][name]["length"])
+    entry = index["tensors"][target]
+    blob = np.memmap(engines / "weights.bin", dtype=np.uint8, mode="r+")
+    values = blob[entry["offset"]:entry["offset"] + entry["length"]].view(np.float32)
+    values += np.random.default_rng(0).normal(0, 0.05, values.shape).astype(np.float32)
+    blob.flush()
+    del blob
     Manifest.load(engines, verify=False).write(engines)
-    return target.name
+    return target
 
 
 @pytest.mark.parametrize("graph", ["visual", "prefill"])

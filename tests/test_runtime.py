@@ -162,7 +162,7 @@ def test_build_check_flag_runs_parity(tiny_blip2, tmp_path):
     out = tmp_path / "checked"
     result = run_cli("export/build.py", "--model", tiny_blip2, "--ratio", "0.25", "--out", out, "--check")
     assert result.returncode == 0, result.stderr
-    assert "[1/7]" in result.stderr and "parity: PASSED" in result.stderr
+    assert "[1/8]" in result.stderr and "parity: PASSED" in result.stderr
     assert json.loads((out / "parity.json").read_text())["passed"]
 
 
@@ -217,3 +217,39 @@ def test_blip_preprocessing_table_equals_per_pixel_math():
         pixels = (pixels * settings["rescale_factor"] - np.asarray(settings["image_mean"])) / np.asarray(settings["image_std"])
         expected.append(pixels.transpose(2, 0, 1).astype(np.float32))
     np.testing.assert_array_equal(preprocess(images, settings)["pixel_values"], np.stack(expected))
+
+
+def test_shared_weights_one_buffer_same_answers(engines, tmp_path):
+    """--share-weights: the prefill and decode sessions compute with the same memory-mapped buffers of weights.bin
+    and answer exactly as per-session loading does; a graph file edited after the build is run as it is."""
+    import shutil
+
+    import onnx
+
+    from runtime.backends import load_runners
+    from runtime.backends.ort import OrtSettings, SharedWeights
+    from runtime.pipelines import make_pipeline
+
+    manifest = Manifest.load(engines)
+    shared = SharedWeights.of(manifest)
+    prefill, decode = shared.initializers("prefill"), shared.initializers("decode")
+    common = set(prefill) & set(decode)
+    assert len(common) >= 0.9 * len(prefill)
+    assert all(prefill[name] is decode[name] for name in common)  # one OrtValue, one buffer, for both sessions
+    image = REPO / "samples" / "easyvqa-test-0.png"
+    answers = {}
+    for share in (False, True):
+        runners = load_runners(manifest, "ort-cpu", OrtSettings(share_weights=share))
+        pipeline = make_pipeline(manifest, runners)
+        answers[share] = [(a.token_ids, a.kept_indices) for a in pipeline.answer([image] * 2, ["what is the red shape?",
+                                                                                              "what color is the shape?"])]
+    assert answers[True] == answers[False]
+
+    copy = tmp_path / "edited"
+    shutil.copytree(engines, copy)
+    model = onnx.load(str(copy / "decode.onnx"), load_external_data=False)
+    model.doc_string = "edited after the build"
+    onnx.save(model, str(copy / "decode.onnx"))
+    Manifest.load(copy, verify=False).write(copy)
+    edited = SharedWeights.of(Manifest.load(copy))
+    assert edited.initializers("decode") == {} and edited.initializers("prefill")

@@ -1,6 +1,7 @@
 """ONNX Runtime backends: ``ort-cpu`` and ``ort-cuda``. onnxruntime itself is imported on first use."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,13 @@ class OrtSettings:
     threads: int = 0
     spinning: bool = False
     optimization: str = "all"
+    # share_weights: graphs that read the same weights (prefill and decode: the language model) get them as ONNX
+    # Runtime shared initializers over one memory map of weights.bin and do not repack them (ORT's prepacking gives
+    # every session a packed copy of its own): one copy in memory, at a measured cost in speed (unpacked GEMMs), so
+    # it is opt-in for now (infer.py --share-weights; README "One copy of every weight"). prepack_weights keeps
+    # ORT's repacking for shared graphs too (no memory saved: measured).
+    share_weights: bool = False
+    prepack_weights: bool = False
 
     def session_options(self):
         ort = onnxruntime_module()
@@ -61,11 +69,23 @@ class OrtSettings:
 class OrtRunner:
     """One ONNX Runtime session."""
 
-    def __init__(self, path: Path, providers: list[str], settings: OrtSettings = OrtSettings()):
+    def __init__(self, path: Path, providers: list[str], settings: OrtSettings = OrtSettings(),
+                 shared: dict | None = None, weights: "SharedWeights | None" = None):
+        """``weights``: the folder's weights.bin, handed to ONNX Runtime from memory with the graph's bytes (both
+        read through the descriptors the manifest checked: a rebuild swapping the folder changes nothing, and ORT's
+        external-data path checks never see a /proc/self/fd path)."""
         ort = onnxruntime_module()
         options = settings.session_options()
+        for name, value in (shared or {}).items():  # the session computes with these buffers: it copies nothing
+            options.add_initializer(name, value)
+        if shared and not settings.prepack_weights:  # else every session would keep its own packed copy
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        source = str(path)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            if weights is not None:
+                options.add_external_initializers_from_files_in_memory([weights.file], [weights.map], [len(weights.map)])
+                source = Path(path).read_bytes()
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as err:  # ORT raises its own exception types; keep the message, drop the trace
             raise BackendError(f"onnxruntime could not load {path.name}: {str(err).splitlines()[0]}") from None
         self.path = path
@@ -117,9 +137,69 @@ def require_onnxruntime() -> None:
     onnxruntime_module()
 
 
+class SharedWeights:
+    """An engines folder's ``weights.bin`` (``export/weights.py``) memory-mapped once, and one ONNX Runtime value per
+    tensor over that map, handed to every session whose graph reads it — so the prefill and decode graphs (and a
+    tied head) hold one copy between them."""
+
+    _open: dict[tuple[str, str], "SharedWeights"] = {}
+
+    def __init__(self, manifest: Manifest, index: dict):
+        self.manifest, self.index, self.file = manifest, index, index["file"]
+        self.map = np.memmap(manifest.path(self.file), dtype=np.uint8, mode="r")
+        self.values: dict[str, object] = {}
+        readers: dict[str, int] = {}
+        for names in index["graphs"].values():
+            for name in names:
+                readers[name] = readers.get(name, 0) + 1
+        self.readers = readers
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "SharedWeights | None":
+        """The folder's shared weights, opened once per folder and content; None for a folder without them."""
+        digest = manifest.files.get(INDEX_FILE)
+        if digest is None:
+            return None
+        key = (str(manifest.root), digest)
+        if key not in cls._open:
+            cls._open[key] = cls(manifest, json.loads(manifest.path(INDEX_FILE).read_text()))
+        return cls._open[key]
+
+    def initializers(self, graph: str) -> dict:
+        """The graph's tensors as shared values — only where another graph reads them too, and only while the graph
+        file is the one the index describes (its manifest sha256; an edited graph is run as it is)."""
+        names = self.index["graphs"].get(graph, [])
+        spec = self.manifest.graphs[graph]
+        if self.manifest.files.get(spec.file) != self.index.get("graph_sha256", {}).get(graph):
+            return {}
+        if not any(self.readers[name] > 1 for name in names):
+            return {}
+        ort = onnxruntime_module()
+        for name in names:
+            if name not in self.values:
+                entry = self.index["tensors"][name]
+                count = entry["length"] // np.dtype(entry["dtype"]).itemsize
+                array = np.frombuffer(self.map, dtype=entry["dtype"], count=count, offset=entry["offset"])
+                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(entry["shape"]))
+        return {name: self.values[name] for name in names}
+
+
+INDEX_FILE = "weights.json"
+
+
+def load_graph(manifest: Manifest, graph: str, providers: list[str], settings: OrtSettings) -> OrtRunner:
+    """A session for ``graph``: from the checked files and the folder's weights.bin in memory where it has one (older
+    folders: the graph's path, its own external data beside it)."""
+    weights = SharedWeights.of(manifest)
+    if weights is None:
+        return OrtRunner(manifest.graph_path(graph), providers, settings)
+    shared = weights.initializers(graph) if settings.share_weights and providers[0] == "CPUExecutionProvider" else None
+    return OrtRunner(manifest.path(manifest.graphs[graph].file), providers, settings, shared, weights)
+
+
 @register("ort-cpu", check=require_onnxruntime)
 def cpu_runner(manifest: Manifest, graph: str, settings: OrtSettings = OrtSettings()) -> Runner:
-    return OrtRunner(manifest.graph_path(graph), ["CPUExecutionProvider"], settings)
+    return load_graph(manifest, graph, ["CPUExecutionProvider"], settings)
 
 
 def has_cuda_provider() -> bool:
@@ -137,4 +217,4 @@ def require_cuda_provider() -> None:
 @register("ort-cuda", check=require_cuda_provider)
 def cuda_runner(manifest: Manifest, graph: str, settings: OrtSettings = OrtSettings()) -> Runner:
     require_cuda_provider()
-    return OrtRunner(manifest.graph_path(graph), ["CUDAExecutionProvider", "CPUExecutionProvider"], settings)
+    return load_graph(manifest, graph, ["CUDAExecutionProvider", "CPUExecutionProvider"], settings)
