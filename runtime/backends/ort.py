@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +77,13 @@ class OrtRunner:
         external-data path checks never see a /proc/self/fd path)."""
         ort = onnxruntime_module()
         options = settings.session_options()
-        for name, value in (shared or {}).items():  # the session computes with these buffers: it copies nothing
+        self.shared = shared  # held as long as the session: it computes with these buffers and copies nothing
+        for name, value in (shared or {}).items():
             options.add_initializer(name, value)
         if shared and not settings.prepack_weights:  # else every session would keep its own packed copy
             options.add_session_config_entry("session.disable_prepacking", "1")
         source = str(path)
+        self.weights = weights  # its map stays alive as long as the session, whatever ONNX Runtime keeps of it
         try:
             if weights is not None:
                 options.add_external_initializers_from_files_in_memory([weights.file], [weights.map], [len(weights.map)])
@@ -142,10 +145,12 @@ class SharedWeights:
     tensor over that map, handed to every session whose graph reads it — so the prefill and decode graphs (and a
     tied head) hold one copy between them."""
 
-    _open: dict[tuple[str, str], "SharedWeights"] = {}
+    _open: dict[int, "SharedWeights"] = {}  # by id(manifest): one map per loaded manifest, dropped with it
 
     def __init__(self, manifest: Manifest, index: dict):
-        self.manifest, self.index, self.file = manifest, index, index["file"]
+        # no reference to the manifest itself: this object lives as long as the manifest does (see ``of``)
+        self.index, self.file = index, index["file"]
+        self.graph_sha256 = {graph: manifest.files.get(spec.file) for graph, spec in manifest.graphs.items()}
         self.map = np.memmap(manifest.path(self.file), dtype=np.uint8, mode="r")
         self.values: dict[str, object] = {}
         readers: dict[str, int] = {}
@@ -156,21 +161,21 @@ class SharedWeights:
 
     @classmethod
     def of(cls, manifest: Manifest) -> "SharedWeights | None":
-        """The folder's shared weights, opened once per folder and content; None for a folder without them."""
-        digest = manifest.files.get(INDEX_FILE)
-        if digest is None:
+        """The manifest's shared weights, opened once per loaded manifest (every graph's runner gets the same map)
+        and released with it; None for a folder without them."""
+        if INDEX_FILE not in manifest.files:
             return None
-        key = (str(manifest.root), digest)
+        key = id(manifest)
         if key not in cls._open:
             cls._open[key] = cls(manifest, json.loads(manifest.path(INDEX_FILE).read_text()))
+            weakref.finalize(manifest, cls._open.pop, key, None)
         return cls._open[key]
 
     def initializers(self, graph: str) -> dict:
         """The graph's tensors as shared values — only where another graph reads them too, and only while the graph
         file is the one the index describes (its manifest sha256; an edited graph is run as it is)."""
         names = self.index["graphs"].get(graph, [])
-        spec = self.manifest.graphs[graph]
-        if self.manifest.files.get(spec.file) != self.index.get("graph_sha256", {}).get(graph):
+        if self.graph_sha256.get(graph) != self.index.get("graph_sha256", {}).get(graph):
             return {}
         if not any(self.readers[name] > 1 for name in names):
             return {}
