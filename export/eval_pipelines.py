@@ -77,7 +77,7 @@ class Config:
                              image_importance=self.image_importance, seed=self.seed)
 
 
-GRAPH_SOURCES = ("adapters", "models", "pruning.py", "selection.py", "tracing.py", "builder.py")  # under export/
+GRAPH_SOURCES = ("adapters", "models", "pruning.py", "selection.py", "tracing.py", "weights.py", "builder.py")  # export/
 
 
 def exporter_source_sha256() -> str:
