@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from runtime.contract import WEIGHTS_FILE
+from runtime.contract import WEIGHTS_INDEX_FILE as INDEX_FILE
 from runtime.manifest import GraphSpec
 
-WEIGHTS_FILE = "weights.bin"
-INDEX_FILE = "weights.json"
 ALIGNMENT = 4096  # bytes: a page, so every tensor can be memory-mapped where it lies
 MIN_BYTES = 1024  # smaller initializers (shapes, scalars) stay inside their graph
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")

@@ -20,6 +20,8 @@ from runtime.errors import UsageError
 SCHEMA_NAME = "vtprune.manifest"
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+WEIGHTS_FILE = "weights.bin"  # every graph's initializers, each distinct tensor once (export/weights.py)
+WEIGHTS_INDEX_FILE = "weights.json"  # its index: tensors' offsets, dtypes, shapes; each graph's tensors and sha256
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]

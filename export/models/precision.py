@@ -26,7 +26,7 @@ def head_logits(head: torch.nn.Linear, last: torch.Tensor) -> torch.Tensor:
     Written as a 2-D ``linear`` with a bias (zeros when the head has none: adding 0.0 changes no value) so that the
     TorchScript exporter emits ``Gemm(transB=1)`` over the (V, D) weight itself, not a ``MatMul`` over a transposed
     copy folded into a second initializer: a head tied to the token embedding then stays one tensor on disk
-    (``export/weights.py`` stores every tensor once) and one buffer in ONNX Runtime.
+    (``export/weights.py`` stores every tensor once), and one buffer under ONNX Runtime shared initializers.
     """
     hidden = last[:, 0, :]  # (B, D)
     bias = head.bias if head.bias is not None else torch.zeros(head.weight.shape[0], dtype=hidden.dtype, device=hidden.device)

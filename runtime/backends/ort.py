@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends.base import Runner, register
+from runtime.contract import WEIGHTS_INDEX_FILE as INDEX_FILE
 from runtime.errors import BackendError, UnsupportedError, UsageError
 from runtime.manifest import Manifest
 
@@ -141,9 +142,9 @@ def require_onnxruntime() -> None:
 
 
 class SharedWeights:
-    """An engines folder's ``weights.bin`` (``export/weights.py``) memory-mapped once, and one ONNX Runtime value per
-    tensor over that map, handed to every session whose graph reads it — so the prefill and decode graphs (and a
-    tied head) hold one copy between them."""
+    """An engines folder's ``weights.bin`` (``export/weights.py``) memory-mapped once per loaded manifest. Every
+    session gets the map as its external data from memory; with ``share_weights``, also one ONNX Runtime value per
+    tensor over the map (``initializers``), so the prefill and decode graphs (and a tied head) hold one copy."""
 
     _open: dict[int, "SharedWeights"] = {}  # by id(manifest): one map per loaded manifest, dropped with it
 
@@ -188,8 +189,6 @@ class SharedWeights:
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(entry["shape"]))
         return {name: self.values[name] for name in names}
 
-
-INDEX_FILE = "weights.json"
 
 
 def load_graph(manifest: Manifest, graph: str, providers: list[str], settings: OrtSettings) -> OrtRunner:
