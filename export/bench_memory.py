@@ -5,9 +5,10 @@ system holds). Run by ``export/bench.py``; not a user command."""
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
+
+from runtime.memory import peak_rss_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,16 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def peak_rss_kib() -> float:
-    """This process's peak resident set size: ``VmHWM`` (Linux), which starts afresh at ``exec`` — unlike
-    ``ru_maxrss``, which keeps the forking parent's high-water mark across it (every probe then reads the bench's
-    own peak). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / 1024 if sys.platform == "darwin" else float(usage)
+    return peak_rss_bytes() / 1024
 
 
 if __name__ == "__main__":

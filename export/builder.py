@@ -16,11 +16,12 @@ from pathlib import Path
 
 from export import adapters, outdir, pruning
 from export.pruning import PruningConfig
-from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, check_graph, export_graph
-from export.weights import share_weights
+from export.tracing import DEFAULT_OPSET, EXPORTER, SUPPORTED_OPSETS, TWO_GB, export_graph
+from export.weights import WeightStore
 from runtime.contract import POSITION_POLICIES, ResolvedPruning
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
+from runtime.memory import gib, peak_rss_bytes
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "trt")
@@ -154,20 +155,24 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
 
     outdir.recover(out)  # leftovers of killed builds into the same folder
     staging = outdir.make_staging(out)  # fails here, not after loading, when the folder cannot be created
-    progress = Progress(total=4 + 4 + (options.backend == "trt"), quiet=quiet)
+    progress = Progress(total=3 + 4 + (options.backend == "trt"), quiet=quiet)  # refined once the graphs are known
     try:
         progress(f"loading {adapter_cls.name} checkpoint {options.model}")
         adapter = adapters.load(adapter_cls, options.model, options.precision)
         resolved = adapter.resolve(options.pruning, options.positions)
         manifest = describe(adapter, resolved, options, staging, graph_specs={})  # writes the tokenizer
         check_prompt(manifest)  # before any tracing
-        for graph in adapter.graphs(resolved):
-            progress(f"tracing {graph.name} graph")
-            manifest.graphs[graph.name] = export_graph(graph, staging, options.opset, options.external_data_threshold)
-        progress("storing every weight once (weights.bin)")
-        sharing = share_weights(staging, manifest.graphs)
-        for spec in manifest.graphs.values():
-            check_graph(staging / spec.file)
+        store = WeightStore(staging)  # every graph's weights streamed into one weights.bin as it is traced
+        try:
+            graphs = adapter.graphs(resolved)
+            progress.total = 3 + len(graphs) + (options.backend == "trt")  # load, each graph, manifest, [plans], done
+            for graph in graphs:
+                progress(f"tracing {graph.name} graph (weights so far: {store.bytes_written() / 1e9:.2f} GB)")
+                manifest.graphs[graph.name] = export_graph(graph, staging, store, options.opset,
+                                                           options.external_data_threshold)
+            sharing = store.finish()
+        finally:
+            store.close()
         if not quiet:
             print(f"  weights: {sharing.graph_initializer_bytes / 1e6:.1f} MB across the graphs → "
                   f"{sharing.unique_bytes / 1e6:.1f} MB stored once ({sharing.unique_tensors} tensors)", file=sys.stderr)
@@ -187,6 +192,9 @@ def build(options: BuildOptions, engines_root: Path, quiet: bool = False) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress(f"done: {out} (k={resolved.k} of {resolved.num_visual_tokens})")
+    if not quiet:
+        written = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+        print(f"  wrote {written / 1e9:.2f} GB; peak memory (RSS) {gib(peak_rss_bytes())}", file=sys.stderr)
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from export import tiny
 from runtime.errors import UnsupportedError, UsageError, cli_errors
+from runtime.memory import available_memory
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 HEADROOM = 1 << 30  # bytes beyond the weights that building needs (Python, torch, the writer)
@@ -183,14 +184,6 @@ def config_and_size(preset: Preset, depths: dict[str, int], tokenizer):
     with torch.device("meta"):
         model = getattr(transformers, preset.family.model_class)(config)
     return config, sum(p.numel() for p in model.parameters())
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo), None where that cannot be read."""
-    try:
-        return 1024 * int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def check_memory(preset: Preset, params: int, dtype: str, available: int | None) -> int:

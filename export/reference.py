@@ -16,6 +16,7 @@ The resolved pruning (``manifest.pruning``) is read in one place, :attr:`TorchRe
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,6 +64,14 @@ class TorchReference:
     def runners(self) -> dict[str, TorchRunner]:
         """One fp32 torch runner per graph, named and fed as the engines' graphs."""
         return self.adapter.torch_runners(self.pruning)
+
+    def release(self) -> None:
+        """Free the model's weights (parity's ONNX side loads only after this): every parameter and buffer emptied in
+        place, so modules still referenced elsewhere (runners, pipelines) hold nothing either. The processor stays."""
+        with torch.no_grad():
+            for tensor in [*self.adapter.model.parameters(), *self.adapter.model.buffers()]:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+        gc.collect()
 
     def parameter_bytes(self) -> int:
         """Bytes of the fp32 model's parameters and buffers (a float64 copy needs twice that)."""

@@ -6,6 +6,7 @@ and strict shape inference, run on the file path so graphs over 2 GB work too.
 """
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import onnx
 import torch
 
 from export.adapters.base import GraphExport
+from export.weights import WeightStore
 from runtime.manifest import GraphSpec, TensorSpec
 
 DEFAULT_OPSET = 17
@@ -49,43 +51,43 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 def export_graph(
     graph: GraphExport,
     folder: Path,
+    store: WeightStore,
     opset: int = DEFAULT_OPSET,
     external_data_threshold: int = TWO_GB,
 ) -> GraphSpec:
-    """Trace ``graph`` into ``folder/<name>.onnx`` and return its manifest entry."""
+    """Trace ``graph`` into ``folder/<name>.onnx``, its weights into ``store`` (``folder/weights.bin``), and return
+    its manifest entry. Past 2 GB the tracer writes each weight to its own file; ``store`` reads them from there one at
+    a time, so the graph's weights are never loaded whole. ``external_data_threshold`` sends smaller graphs down the
+    same path (what tests use to exercise it on small models)."""
     scratch = folder / f".trace-{graph.name}"
     scratch.mkdir(parents=True, exist_ok=True)
     traced = scratch / f"{graph.name}.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph.module,
-            graph.args,
-            str(traced),
-            dynamo=False,
-            input_names=graph.input_names,
-            output_names=graph.output_names,
-            dynamic_axes=graph.dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(traced), load_external_data=True)
-    model.producer_name = "vtprune"
-    _declare_shapes(model, graph)
-    onnx.helper.set_model_props(model, {"vtprune.graph": graph.name})
-
-    final = folder / f"{graph.name}.onnx"
-    external = None
-    if initializer_bytes(model) > external_data_threshold:
-        external = f"{graph.name}.onnx.data"
-        onnx.save_model(
-            model, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024
-        )
-    else:
-        onnx.save_model(model, str(final))
-    for path in scratch.iterdir():
-        path.unlink()
-    scratch.rmdir()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph.module,
+                graph.args,
+                str(traced),
+                dynamo=False,
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                dynamic_axes=graph.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(traced), load_external_data=False)  # the tracer's external files stay on disk
+        if initializer_bytes(model) > external_data_threshold and not _has_external_data(model):
+            onnx.save_model(model, str(traced), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+            model = onnx.load(str(traced), load_external_data=False)
+        model.producer_name = "vtprune"
+        _declare_shapes(model, graph)
+        onnx.helper.set_model_props(model, {"vtprune.graph": graph.name})
+        final = folder / f"{graph.name}.onnx"
+        external = store.add(graph.name, model, scratch, final)
+        del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     check_graph(final)
     header = onnx.load(str(final), load_external_data=False)
@@ -95,6 +97,10 @@ def export_graph(
         outputs=_tensor_specs(header.graph.output),
         external_data=external,
     )
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _declare_shapes(model: onnx.ModelProto, graph: GraphExport) -> None:

@@ -116,15 +116,16 @@ class Blip2OptAdapter(ModelAdapter):
             )
         self.check_checkpoint_files()
         self.processor = AutoProcessor.from_pretrained(self.path)
+        # Loaded in the target precision: no fp32 copy of the whole model is ever held for an fp16 build. As HF runs
+        # BLIP-2 in half precision: vision, projection and LM in fp16, the Q-Former and its query tokens in fp32
+        # (HF's ``_keep_in_fp32_modules``; checked below). The OPT path computes LayerNorm and softmax in fp32 itself.
+        dtype = torch.float16 if precision == "fp16" else torch.float32
         self.model = Blip2ForConditionalGeneration.from_pretrained(
-            self.path, attn_implementation="eager", dtype=torch.float32
+            self.path, attn_implementation="eager", dtype=dtype
         ).eval()
-        if precision == "fp16":
-            # As HF runs BLIP-2 in half precision: vision, projection and LM in fp16, the Q-Former in fp32
-            # (``_keep_in_fp32_modules``). The OPT path computes LayerNorm and softmax in fp32 itself.
-            self.model.vision_model.half()
-            self.model.language_projection.half()
-            self.model.language_model.half()
+        if self.model.qformer.dtype != torch.float32 or self.model.query_tokens.dtype != torch.float32:
+            raise CheckpointError(f"{self.path}: transformers loaded the Q-Former in {self.model.qformer.dtype}; "
+                                  "the exporter needs it in fp32 (HF's _keep_in_fp32_modules)")
         self.config = self.model.config
 
     # ------------------------------------------------------------------ facts

@@ -23,35 +23,42 @@ PER_CALL_GRAPHS = ("embed", "prefill", "decode")  # judged on the reference's fi
 
 @register_stages("blip2-opt")
 def stages(context: ParityContext) -> dict[str, Any]:
-    """BLIP-2: preprocess, tokenize, visual, embed, prefill, decode, generation, hf_anchor."""
+    """BLIP-2: preprocess, tokenize, visual, embed, prefill, decode, generation, hf_anchor. Everything the PyTorch
+    reference computes comes first; the reference is freed before the engines load (peak: the larger, not the sum)."""
     manifest, reference_model, tol, say = context.manifest, context.reference, context.tol, context.say
     images, questions, max_new_tokens = context.images, context.questions, context.max_new_tokens
-    reference, reference_runners, onnx, onnx_runners = context.pipelines()
     result: dict[str, Any] = {}
-    # -- preprocess and tokenize: runtime vs HF ------------------------------------------------------------
-    say("preprocess + tokenize")
+
+    # -- the reference: HF's preprocessing and tokenizer, the reference pipeline, its bounds, float64, HF anchor ------
+    say("preprocess + tokenize (HF)")
     hf_pixels = reference_model.hf_pixels(images)  # (B, 3, H, W)
-    pixels = onnx.preprocess(images)
-    stats = tensor_stats(hf_pixels, pixels) if hf_pixels.shape == pixels.shape else {"max_abs": float("inf")}
-    result["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"], "shape": list(pixels.shape), **stats}
-    prompts = [onnx.prompt_template.replace("{}", q, 1) for q in questions]
+    reference, reference_runners = context.reference_pipeline()
+    prompts = [reference.prompt_template.replace("{}", q, 1) for q in questions]
     hf_ids = reference_model.hf_token_ids(prompts)
-    ids = onnx.encode_questions(questions)
-    result["tokenize"] = {"passed": hf_ids == ids, "prompts": prompts, "hf_ids": hf_ids, "runtime_ids": ids}
-
-    # -- end to end, both pipelines on HF's pixel values -----------------------------------------------------
-    ref_answers, onnx_answers, margins = context.generate(reference, onnx, hf_pixels)
-
-    # -- per graph, each fed the reference's inputs ------------------------------------------------------
-    say("visual / embed / prefill / decode graphs")
+    ref_answers, margins = context.reference_answers(reference, hf_pixels)
     ref_visual_feeds, ref_visual = concat_calls(reference_runners["visual"].calls)
-    onnx_visual = onnx_runners["visual"].runner.run(ref_visual_feeds)
     # rank-count scores (CATP) jump by whole ranks where attention probabilities nearly tie: the reference gives
     # the range each score can take under the tolerance, and the ONNX scores must lie inside it
     bounds = reference_model.score_bounds(ref_visual_feeds, tie_rtol=2 * tol["attention_rtol"])
     graph_calls = {graph: reference_runners[graph].calls[0] for graph in PER_CALL_GRAPHS if reference_runners[graph].calls}
     ref64 = context.float64_outputs({"visual": ("visual", ref_visual_feeds),
                                      **{graph: (graph, feeds) for graph, (feeds, _) in graph_calls.items()}})
+    say("anchor: HF generate")
+    generation = reference_model.hf_generate(images, prompts, ref_visual["query_embeds"], max_new_tokens)
+    del reference, reference_runners
+    context.release_reference()
+
+    # -- the engines: preprocessing and tokenizer vs HF's, end to end, then each graph fed the reference's inputs ----
+    onnx, onnx_runners = context.onnx_pipeline()
+    pixels = onnx.preprocess(images)
+    stats = tensor_stats(hf_pixels, pixels) if hf_pixels.shape == pixels.shape else {"max_abs": float("inf")}
+    result["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"], "shape": list(pixels.shape), **stats}
+    ids = onnx.encode_questions(questions)
+    result["tokenize"] = {"passed": hf_ids == ids, "prompts": prompts, "hf_ids": hf_ids, "runtime_ids": ids}
+    onnx_answers = context.onnx_answers(onnx, hf_pixels)
+
+    say("visual / embed / prefill / decode graphs")
+    onnx_visual = onnx_runners["visual"].runner.run(ref_visual_feeds)
     if bounds is None:
         visual = {
             "scores": context.judge(ref_visual, ref64["visual"], onnx_visual, ["scores"]),
@@ -86,9 +93,5 @@ def stages(context: ParityContext) -> dict[str, Any]:
     result["generation"]["answers"] = [
         {"question": q, "reference": r.answer, "onnx": o.answer} for q, r, o in zip(questions, ref_answers, onnx_answers)
     ]
-
-    # -- anchor the reference to HF itself ------------------------------------------------------------------
-    say("anchor: HF generate")
-    generation = reference_model.hf_generate(images, prompts, ref_visual["query_embeds"], max_new_tokens)
     result["hf_anchor"] = hf_anchor_stage(generation, ref_tokens, manifest.text["eos_token_ids"])
     return result

@@ -25,48 +25,24 @@ from runtime.tolerance import tensor_stats
 
 @register_stages("mllama")
 def stages(context: ParityContext) -> dict[str, Any]:
-    """Mllama: preprocess, tokenize, vision, prefill, decode, generation, hf_anchor."""
+    """Mllama: preprocess, tokenize, vision, prefill, decode, generation, hf_anchor. Everything the PyTorch reference
+    computes comes first; the reference is freed before the engines load (peak: the larger, not the sum)."""
     manifest, reference_model, tol, say = context.manifest, context.reference, context.tol, context.say
     images, questions, max_new_tokens = context.images, context.questions, context.max_new_tokens
-    reference, reference_runners, onnx, onnx_runners = context.pipelines()
     result: dict[str, Any] = {}
 
-    # -- preprocess and tokenize: runtime vs HF --------------------------------------------------------------
-    say("preprocess + tokenize")
+    # -- the reference: HF's preprocessing and processor, the reference pipeline, its bounds, float64, HF anchor -----
+    say("preprocess + tokenize (HF)")
     hf_pixels = reference_model.hf_pixels(images)
-    pixels = onnx.preprocess(images)
-    same_shape = hf_pixels["pixel_values"].shape == pixels["pixel_values"].shape
-    stats = tensor_stats(hf_pixels["pixel_values"], pixels["pixel_values"]) if same_shape else {"max_abs": float("inf")}
-    ids_equal = bool(np.array_equal(hf_pixels["aspect_ratio_ids"], pixels["aspect_ratio_ids"]))
-    mask_equal = bool(np.array_equal(hf_pixels["aspect_ratio_mask"], pixels["aspect_ratio_mask"]))
-    result["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"] and ids_equal and mask_equal,
-                            "shape": list(pixels["pixel_values"].shape), "aspect_ratio_ids_equal": ids_equal,
-                            "aspect_ratio_mask_equal": mask_equal, **stats}
-
-    chat = onnx.prompt.chat_template is not None
-    texts = [onnx.prompt.text(q) for q in questions]
+    reference, reference_runners = context.reference_pipeline()
+    chat = reference.prompt.chat_template is not None
+    texts = [reference.prompt.text(q) for q in questions]
     if chat:  # HF renders the chat template itself
         hf_texts = reference_model.hf_chat_prompts(questions)
     else:
-        hf_texts = [format_prompt(onnx.prompt.template, q) for q in questions]
+        hf_texts = [format_prompt(reference.prompt.template, q) for q in questions]
     encoded = reference_model.hf_inputs(images, hf_texts, chat)
-    runtime_ids = onnx.encode_questions(questions)
-    max_tiles = int(manifest.pruning.max_num_tiles)  # the only pruning setting parity's runtime side reads
-    rows = []
-    for row, (ids, enc) in enumerate(zip(runtime_ids, encoded)):
-        hf_ids = enc["input_ids"][0].tolist()
-        mask = cross_attention_mask([ids], len(ids), onnx.prompt.image_token_id,
-                                    pixels["aspect_ratio_mask"][row : row + 1, 0].sum(-1), max_tiles)
-        rows.append({"ids_equal": hf_ids == ids, "cross_attention_mask_equal": bool(np.array_equal(mask, enc["cross_attention_mask"])),
-                     "hf_ids": hf_ids, "runtime_ids": ids})
-    result["tokenize"] = {"passed": all(r["ids_equal"] and r["cross_attention_mask_equal"] for r in rows),
-                          "prompts": texts, "hf_prompts": hf_texts, "rows": rows}
-
-    # -- end to end on HF's pixel values --------------------------------------------------------------------
-    ref_answers, onnx_answers, margins = context.generate(reference, onnx, hf_pixels)
-
-    # -- per graph, each fed the reference's inputs ------------------------------------------------------
-    say("vision / prefill / decode graphs")
+    ref_answers, margins = context.reference_answers(reference, hf_pixels)
     vision_feeds, ref_vision = concat_calls(reference_runners["vision"].calls)
     prefill_calls = reference_runners["prefill"].calls
     decode_calls = reference_runners["decode"].calls[:1]
@@ -78,6 +54,35 @@ def stages(context: ParityContext) -> dict[str, Any]:
         **{f"prefill.{i}": ("prefill", feeds) for i, (feeds, _) in enumerate(prefill_calls)},
         **{"decode": ("decode", feeds) for feeds, _ in decode_calls},
     })
+    say("anchor: HF generate")
+    generation = reference_model.hf_generate(encoded, max_new_tokens)
+    del reference, reference_runners
+    context.release_reference()
+
+    # -- the engines: preprocessing and tokenizer vs HF's, end to end, then each graph fed the reference's inputs ----
+    onnx, onnx_runners = context.onnx_pipeline()
+    pixels = onnx.preprocess(images)
+    same_shape = hf_pixels["pixel_values"].shape == pixels["pixel_values"].shape
+    stats = tensor_stats(hf_pixels["pixel_values"], pixels["pixel_values"]) if same_shape else {"max_abs": float("inf")}
+    ids_equal = bool(np.array_equal(hf_pixels["aspect_ratio_ids"], pixels["aspect_ratio_ids"]))
+    mask_equal = bool(np.array_equal(hf_pixels["aspect_ratio_mask"], pixels["aspect_ratio_mask"]))
+    result["preprocess"] = {"passed": stats["max_abs"] <= tol["pixel_atol"] and ids_equal and mask_equal,
+                            "shape": list(pixels["pixel_values"].shape), "aspect_ratio_ids_equal": ids_equal,
+                            "aspect_ratio_mask_equal": mask_equal, **stats}
+    runtime_ids = onnx.encode_questions(questions)
+    max_tiles = int(manifest.pruning.max_num_tiles)  # the only pruning setting parity's runtime side reads
+    rows = []
+    for row, (ids, enc) in enumerate(zip(runtime_ids, encoded)):
+        hf_ids = enc["input_ids"][0].tolist()
+        mask = cross_attention_mask([ids], len(ids), onnx.prompt.image_token_id,
+                                    pixels["aspect_ratio_mask"][row : row + 1, 0].sum(-1), max_tiles)
+        rows.append({"ids_equal": hf_ids == ids, "cross_attention_mask_equal": bool(np.array_equal(mask, enc["cross_attention_mask"])),
+                     "hf_ids": hf_ids, "runtime_ids": ids})
+    result["tokenize"] = {"passed": all(r["ids_equal"] and r["cross_attention_mask_equal"] for r in rows),
+                          "prompts": texts, "hf_prompts": hf_texts, "rows": rows}
+    onnx_answers = context.onnx_answers(onnx, hf_pixels)
+
+    say("vision / prefill / decode graphs")
     onnx_vision = onnx_runners["vision"].runner.run(cast_feeds(vision_feeds, manifest.graphs["vision"]))
     result["vision"] = context.judge(ref_vision, ref64["vision"], onnx_vision, ["cross_attention_states"])
 
@@ -126,8 +131,6 @@ def stages(context: ParityContext) -> dict[str, Any]:
         for q, r, o in zip(questions, ref_answers, onnx_answers)
     ]
 
-    say("anchor: HF generate")
-    generation = reference_model.hf_generate(encoded, max_new_tokens)
     result["hf_anchor"] = hf_anchor_stage(generation, ref_tokens, manifest.text["eos_token_ids"])
     return result
 

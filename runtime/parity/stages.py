@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.errors import ManifestError, UsageError
+from runtime.memory import available_memory, peak_rss_bytes
 from runtime.parity.compare import compare_hf_tokens, judge
 from runtime.parity.report import check_report_path, show_summary, write_report
 from runtime.tolerance import Calibration
@@ -106,17 +107,6 @@ def cast_feeds(feeds, spec):
 # ------------------------------------------------------------------------------------------------- calibration
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def choose_calibration(reference, precision: str, requested: str) -> Calibration:
     """float64 where asked for, or (``auto``) where a float64 copy of the model fits in available memory."""
     if requested == "relative":
@@ -147,30 +137,49 @@ class ParityContext:
     questions: list[str]
     max_new_tokens: int
     say: Callable[[str], None]
+    save_reference: Path | None = None
     reference_calls: list[GraphCall] = field(default_factory=list)
+    saved_reference: dict[str, str] | None = None
 
-    def pipelines(self):
-        """(reference pipeline, reference runners, ONNX pipeline, ONNX runners), runners recording every call."""
+    def reference_pipeline(self):
+        """(reference pipeline, its runners), every call recorded. The reference's whole part of parity runs before
+        :meth:`release_reference`; the ONNX side is loaded only after it (:meth:`onnx_pipeline`), so the two never
+        hold the model at once."""
+        from runtime.pipelines import make_pipeline
+
+        runners = {name: RecordingRunner(name, runner, self.reference_calls)
+                   for name, runner in self.reference.runners().items()}
+        pipeline = make_pipeline(self.manifest, runners)
+        pipeline.float_dtype = np.dtype(np.float32)  # the reference's own buffers stay fp32, whatever the graphs' precision
+        return pipeline, runners
+
+    def reference_answers(self, reference, pixel_values):
+        """The reference pipeline end to end on preprocessed inputs: (answers, the top-2 logit margin per row and
+        step)."""
+        self.say("generation: PyTorch reference")
+        margins: list[list[float]] = []
+        answers = answer_with_margins(reference, pixel_values, self.questions, self.max_new_tokens, margins)
+        return answers, margins
+
+    def release_reference(self) -> None:
+        """The reference's part is done: save its graph calls when asked (they need the model: float64 outputs, score
+        bounds), then free the model before the ONNX side loads."""
+        if self.save_reference is not None:
+            self.saved_reference = save_recorded_reference(self, self.save_reference)
+        self.reference.release()
+
+    def onnx_pipeline(self):
+        """(ONNX pipeline, its runners) on ``backend``, every call recorded."""
         from runtime.backends import load_runners
         from runtime.pipelines import make_pipeline
 
-        reference_runners = {name: RecordingRunner(name, runner, self.reference_calls)
-                             for name, runner in self.reference.runners().items()}
-        onnx_runners = {name: RecordingRunner(name, runner) for name, runner in load_runners(self.manifest, self.backend).items()}
-        reference = make_pipeline(self.manifest, reference_runners)
-        reference.float_dtype = np.dtype(np.float32)  # the reference stays fp32 end to end, whatever the graphs' precision
-        onnx = make_pipeline(self.manifest, onnx_runners)
-        return reference, reference_runners, onnx, onnx_runners
+        self.say(f"loading the engines ({self.backend})")
+        runners = {name: RecordingRunner(name, runner) for name, runner in load_runners(self.manifest, self.backend).items()}
+        return make_pipeline(self.manifest, runners), runners
 
-    def generate(self, reference, onnx, pixel_values):
-        """Both pipelines end to end on the same preprocessed inputs: (reference answers, ONNX answers, the
-        reference's top-2 logit margin per row and step)."""
-        self.say("generation: PyTorch reference")
-        margins: list[list[float]] = []
-        ref_answers = answer_with_margins(reference, pixel_values, self.questions, self.max_new_tokens, margins)
+    def onnx_answers(self, onnx, pixel_values):
         self.say(f"generation: ONNX ({self.backend})")
-        onnx_answers = onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values)
-        return ref_answers, onnx_answers, margins
+        return onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values)
 
     def float64_outputs(self, requests: dict[Any, tuple[str, dict[str, np.ndarray]]]) -> dict[Any, dict | None]:
         """The float64 reference's outputs for each ``key: (graph, fp32 reference feeds)`` — the model converted to
@@ -353,7 +362,8 @@ def run_parity(
     if chosen.mode != "float64":
         say(f"float tensors judged with a relative tolerance: {chosen.why}")
 
-    context = ParityContext(manifest, reference, backend, tol, chosen, images, questions, max_new_tokens, say)
+    context = ParityContext(manifest, reference, backend, tol, chosen, images, questions, max_new_tokens, say,
+                            save_reference)
     stages: dict[str, Any] = {"integrity": checked, **stages_of(context)}
     report = {
         **report_head(engines, backend, manifest, tol, chosen),
@@ -362,8 +372,9 @@ def run_parity(
         "stages": stages,
         "passed": all(stage["passed"] for stage in stages.values()),
     }
-    if save_reference is not None:
-        report["saved_reference"] = save_recorded_reference(context, save_reference)
+    if context.saved_reference is not None:
+        report["saved_reference"] = context.saved_reference
+    report["peak_rss_bytes"] = peak_rss_bytes()
     write_report(out_path, report)
     if not quiet:
         show_summary(stages, report["passed"], out_path)
