@@ -61,8 +61,12 @@ class TorchReference:
         self.adapter = adapter
         self.pruning = manifest.pruning  # the resolved pruning: read here once, handed to the adapter's graphs
 
+    @property
+    def precision(self) -> str:
+        return self.adapter.precision
+
     def runners(self) -> dict[str, TorchRunner]:
-        """One fp32 torch runner per graph, named and fed as the engines' graphs."""
+        """One torch runner per graph in the reference's precision, named and fed as the engines' graphs."""
         return self.adapter.torch_runners(self.pruning)
 
     def release(self) -> None:
@@ -174,9 +178,44 @@ class MllamaReference(TorchReference):
         return HfGeneration(mode="MllamaForConditionalGeneration.generate", tokens=tokens)
 
 
-def load_reference(manifest, model: str | Path | None) -> TorchReference:
-    """The fp32 PyTorch reference for ``manifest``'s checkpoint (``model`` overrides the recorded source); a moved,
-    incomplete or different checkpoint is one line naming ``--model``."""
+REFERENCE_DTYPES = ("auto", "fp32", "fp16")
+
+
+def checkpoint_parameters(source: Path) -> int | None:
+    """Parameters in ``source``'s safetensors files, read from their headers (nothing loaded); None without them."""
+    import json
+    import struct
+
+    total, files = 0, sorted(Path(source).glob("*.safetensors"))
+    for path in files:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        total += sum(int(np.prod(entry["shape"], dtype=np.int64)) for name, entry in header.items() if name != "__metadata__")
+    return total if files else None
+
+
+def choose_reference_dtype(requested: str, manifest, source: Path, available: int | None) -> tuple[str, str]:
+    """(precision of the reference, why): fp32 where asked, or (``auto``) where an fp32 copy of the checkpoint fits in
+    ``available`` with a quarter to spare for activations; else the engines' own precision."""
+    if requested not in REFERENCE_DTYPES:
+        raise UsageError(f"--reference-dtype must be one of {', '.join(REFERENCE_DTYPES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, f"--reference-dtype {requested}"
+    parameters = checkpoint_parameters(source)
+    if manifest.precision == "fp32" or parameters is None or available is None:
+        return "fp32", "the default"
+    need = parameters * 4 * 5 // 4 + (1 << 30)
+    if need <= available:
+        return "fp32", f"an fp32 copy of the checkpoint fits ({need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available)"
+    return manifest.precision, (f"an fp32 copy of the checkpoint would need about {need / 2**30:.1f} GiB and "
+                                f"{available / 2**30:.1f} GiB is available: the reference runs in the engines' {manifest.precision}")
+
+
+def load_reference(manifest, model: str | Path | None, dtype: str = "fp32") -> TorchReference:
+    """The PyTorch reference for ``manifest``'s checkpoint in ``dtype`` (fp32, or fp16 as the exporter builds it;
+    ``model`` overrides the recorded source); a moved, incomplete or different checkpoint is one line naming
+    ``--model``."""
     if manifest.family not in REFERENCES:
         raise UsageError(f"parity has no PyTorch reference for model family {manifest.family!r} "
                          f"(known: {', '.join(REFERENCES)})")
@@ -190,7 +229,7 @@ def load_reference(manifest, model: str | Path | None) -> TorchReference:
     if missing:
         raise CheckpointError(f"{flag}: weight file(s) {', '.join(missing)} missing{hint}")
     adapters.detect(source)  # a checkpoint of the family at all
-    adapter = adapters.load(adapters.get(manifest.family), source, "fp32")
+    adapter = adapters.load(adapters.get(manifest.family), source, dtype)
     info = adapter.model_info()
     for key in ("config_sha256", "weights_sha256"):
         if info[key] != manifest.model.get(key):

@@ -78,7 +78,8 @@ def export_graph(
             )
         model = onnx.load(str(traced), load_external_data=False)  # the tracer's external files stay on disk
         if initializer_bytes(model) > external_data_threshold and not _has_external_data(model):
-            onnx.save_model(model, str(traced), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+            onnx.save_model(model, str(traced), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0,
+                            convert_attribute=True)  # as the tracer does past 2 GB: Constant values too
             model = onnx.load(str(traced), load_external_data=False)
         model.producer_name = "vtprune"
         _declare_shapes(model, graph)

@@ -91,6 +91,24 @@ def _little_endian_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+def _make_inline(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        tensor.raw_data = _little_endian_bytes(tensor, base_dir)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _attribute_tensors(graph: onnx.GraphProto):
+    """Every tensor held in a node attribute (Constant values), subgraphs included."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _attribute_tensors(subgraph)
+
+
 class WeightStore:
     """``folder/weights.bin`` being written: :meth:`add` each graph as it is traced, :meth:`finish` at the end."""
 
@@ -119,15 +137,14 @@ class WeightStore:
         """Move ``model``'s initializers of at least ``MIN_BYTES`` into weights.bin (external ones read from
         ``base_dir``), save the rewritten graph to ``path`` (in the store's folder) and record its sha256. Returns
         the graph's external data file (weights.bin), or None when it reads none."""
+        for tensor in _attribute_tensors(model.graph):  # Constant nodes' values the tracer wrote out: back inside
+            _make_inline(tensor, base_dir)
         renames: dict[str, str] = {}
         kept: list[onnx.TensorProto] = []
         names: list[str] = []
         for tensor in model.graph.initializer:
             if tensor.data_type == onnx.TensorProto.STRING or _declared_nbytes(tensor) < MIN_BYTES:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:  # too small to share: back inside the graph
-                    tensor.raw_data = _little_endian_bytes(tensor, base_dir)
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                    del tensor.external_data[:]
+                _make_inline(tensor, base_dir)  # too small to share: back inside the graph
                 kept.append(tensor)
                 continue
             raw = _little_endian_bytes(tensor, base_dir)

@@ -143,6 +143,44 @@ def test_fp16_with_looser_tolerances(engines_factory):
     assert report["calibration"]["mode"] == "float64" and report["calibration"]["precision_scale"] == 8192
 
 
+def test_fp16_graphs_on_cpu_keep_their_weights_fp16(engines_factory):
+    """fp16 graphs on ONNX Runtime's CPU provider: no graph optimization (it would fold the Casts it inserts into fp32
+    copies of every weight), the language model's weights shared by prefill and decode, no arena; fp32 graphs keep
+    the defaults."""
+    from runtime.backends import load_runners
+
+    runners = load_runners(Manifest.load(engines_factory(ratio=0.5, precision="fp16")), "ort-cpu")
+    for runner in runners.values():
+        assert runner.settings.optimization == "disabled" and not runner.settings.cpu_arena
+    assert runners["prefill"].shared and set(runners["prefill"].shared) & set(runners["decode"].shared)
+    for runner in load_runners(Manifest.load(engines_factory(ratio=0.5)), "ort-cpu").values():
+        assert runner.settings.optimization == "all" and runner.settings.cpu_arena and not runner.shared
+
+
+def test_fp16_reference_in_the_engines_precision(engines_factory):
+    """--reference-dtype fp16: the reference built as the exporter builds it (half the memory of fp32); tensors are
+    judged with the relative tolerance (a float64 copy is made from fp32 only) and the report says so."""
+    engines = engines_factory(ratio=0.5, precision="fp16")
+    report = parity(engines, 2, reference_dtype="fp16")
+    assert_passed(report)
+    assert report["reference_dtype"] == {"dtype": "fp16", "why": "--reference-dtype fp16"}
+    assert report["calibration"]["mode"] == "relative" and "fp16" in report["calibration"]["why"]
+    assert report["peak_rss_bytes"] > 0
+
+
+def test_reference_dtype_auto_falls_back_to_the_engines_precision(engines_factory, tiny_blip2):
+    from export.reference import checkpoint_parameters, choose_reference_dtype
+
+    manifest = Manifest.load(engines_factory(ratio=0.5, precision="fp16"))
+    parameters = checkpoint_parameters(tiny_blip2)
+    assert parameters == sum(p.numel() for p in __import__("transformers").Blip2ForConditionalGeneration
+                             .from_pretrained(tiny_blip2).parameters())
+    assert choose_reference_dtype("auto", manifest, tiny_blip2, 64 << 30)[0] == "fp32"
+    dtype, why = choose_reference_dtype("auto", manifest, tiny_blip2, 1 << 20)  # 1 MiB available: no fp32 copy fits
+    assert dtype == "fp16" and "GiB" in why
+    assert choose_reference_dtype("fp32", manifest, tiny_blip2, 1 << 20)[0] == "fp32"  # asked for: kept
+
+
 @pytest.mark.parametrize("positions", ["original", "compact"])
 def test_position_policies(engines_factory, positions):
     engines = engines_factory(ratio=0.75, positions=positions)

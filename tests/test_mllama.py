@@ -366,6 +366,11 @@ def test_fp16_build_passes_parity(tiny_mllama, sample_files, tmp_path):
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
     result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[1]), "--question", QUESTIONS[1])
     assert result.returncode == 0, result.stderr
+    result = run_cli("runtime/parity", "--engines", str(out), "--image", str(sample_files[1]), "--question", QUESTIONS[1],
+                     "--reference-dtype", "fp16", "--out", str(tmp_path / "fp16-reference.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "fp16-reference.json").read_text())
+    assert report["reference_dtype"]["dtype"] == "fp16" and report["calibration"]["mode"] == "relative"
 
 
 def test_unexpected_export_failure_is_one_line_with_a_log(tiny_mllama, tmp_path, monkeypatch):

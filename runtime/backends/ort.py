@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ class OrtSettings:
     # ORT's repacking for shared graphs too (no memory saved: measured).
     share_weights: bool = False
     prepack_weights: bool = False
+    # cpu_arena: ONNX Runtime's CPU memory arena (grows and keeps what it grew to: see fp16_on_cpu)
+    cpu_arena: bool = True
 
     def session_options(self):
         ort = onnxruntime_module()
@@ -65,7 +67,17 @@ class OrtSettings:
         levels = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
                   "disabled": "ORT_DISABLE_ALL"}
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[self.optimization])
+        options.enable_cpu_mem_arena = self.cpu_arena
         return options
+
+    def fp16_on_cpu(self) -> "OrtSettings":
+        """Settings for fp16 graphs on the CPU provider, which has no fp16 MatMul/Gemm kernels on x86: ONNX Runtime
+        inserts a Cast to fp32 before each, and its graph optimizations fold those casts into fp32 copies of every
+        weight — twice the weights' bytes per session (measured on BLIP-2-2.7B full depth: the decode session alone
+        16.5 GiB for 5 GB of fp16 weights). So: no graph optimization (each weight cast when its node runs, then
+        freed), the weights shared between sessions (prepacking is moot: it packs fp32 MatMul weights, and these
+        are cast outputs), and no arena (the arena kept every step's cast buffers: +7.8 GiB per decode step)."""
+        return replace(self, optimization="disabled", share_weights=True, cpu_arena=False)
 
 
 class OrtRunner:
@@ -92,7 +104,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as err:  # ORT raises its own exception types; keep the message, drop the trace
             raise BackendError(f"onnxruntime could not load {path.name}: {str(err).splitlines()[0]}") from None
-        self.path = path
+        self.path, self.settings = path, settings
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # (shape with symbolic names, numpy dtype) per output: what a bound output buffer must be
@@ -197,7 +209,10 @@ def load_graph(manifest: Manifest, graph: str, providers: list[str], settings: O
     weights = SharedWeights.of(manifest)
     if weights is None:
         return OrtRunner(manifest.graph_path(graph), providers, settings)
-    shared = weights.initializers(graph) if settings.share_weights and providers[0] == "CPUExecutionProvider" else None
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    if on_cpu and manifest.precision == "fp16":
+        settings = settings.fp16_on_cpu()
+    shared = weights.initializers(graph) if settings.share_weights and on_cpu else None
     return OrtRunner(manifest.path(manifest.graphs[graph].file), providers, settings, shared, weights)
 
 

@@ -19,7 +19,7 @@ from runtime.parity.stages import CALIBRATIONS  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 8
 NOT_IN_REPLAY = {"image": "--image", "question": "--question", "model": "--model", "max_new_tokens": "--max-new-tokens",
-                 "save_reference": "--save-reference"}
+                 "save_reference": "--save-reference", "reference_dtype": "--reference-dtype"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "reference's own rounding noise; relative = a tensor-scale-relative tolerance; auto "
                              "(default) = float64 where a float64 copy of the model fits in memory (with "
                              "--reference-outputs: where float64 outputs were saved)")
+    parser.add_argument("--reference-dtype", default=None, choices=("auto", "fp32", "fp16"),
+                        help="precision of the PyTorch reference: fp32, fp16 (as the exporter builds fp16 engines), auto "
+                             "(default: fp32 where an fp32 copy of the checkpoint fits in memory, else the engines' own)")
     parser.add_argument("--save-reference", type=Path, default=None, metavar="REF.json",
                         help="also save the reference's graph calls in Polygraphy's formats: the outputs (fp32, and "
                              "float64 with that calibration) as RunResults JSON to REF.json, the inputs (--save-inputs "
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
         images = [load_image(p) for p in args.image] or None
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
         report = runtime.parity.run_parity(args.engines, images, args.question or None, args.backend, max_new_tokens,
-                                           args.model, args.out, args.quiet, args.calibration, args.save_reference)
+                                           args.model, args.out, args.quiet, args.calibration, args.save_reference,
+                                           args.reference_dtype or "auto")
         return 0 if report["passed"] else 1
 
 

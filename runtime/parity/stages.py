@@ -111,6 +111,12 @@ def choose_calibration(reference, precision: str, requested: str) -> Calibration
     """float64 where asked for, or (``auto``) where a float64 copy of the model fits in available memory."""
     if requested == "relative":
         return Calibration("relative", precision, why="--calibration relative")
+    if reference.precision != "fp32":
+        if requested == "float64":
+            raise UsageError(f"--calibration float64 needs the fp32 reference (it is {reference.precision} here: "
+                             "--reference-dtype fp32)")
+        return Calibration("relative", precision, why=f"the reference runs in {reference.precision} (a float64 copy is "
+                                                      "made from the fp32 reference only)")
     need = 2 * reference.parameter_bytes()  # the float64 model, converted in place from fp32
     available = available_memory()
     if requested == "float64" or available is None or need * 5 // 4 + (512 << 20) <= available:
@@ -334,12 +340,14 @@ def run_parity(
     quiet: bool = False,
     calibration: str = "auto",
     save_reference: str | Path | None = None,
+    reference_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report.
 
     ``calibration``: ``float64`` (judge float tensors against a float64 run of the reference, calibrated on the fp32
     reference's own noise), ``relative`` (a tensor-scale-relative tolerance), ``auto`` (float64 where a float64
-    copy of the model fits in memory). ``save_reference``: also write the reference's graph calls (inputs, fp32 and,
+    copy of the model fits in memory). ``reference_dtype``: ``fp32``, ``fp16`` (as the exporter builds it), ``auto``
+(fp32 where an fp32 copy of the checkpoint fits in memory, else the engines' precision). ``save_reference``: also write the reference's graph calls (inputs, fp32 and,
     when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``)."""
     from runtime.parity import run_results
 
@@ -354,10 +362,12 @@ def run_parity(
     if save_reference is not None:
         save_reference = run_results.check_save_path(save_reference, manifest)
 
-    say("loading the PyTorch reference")
-    from export.reference import load_reference  # the one import of export/ (torch) in runtime/: lazy, here only
+    from export.reference import choose_reference_dtype, load_reference  # the one import of export/ (torch) in runtime/
 
-    reference = load_reference(manifest, model)
+    source = Path(model or manifest.model["source"])
+    dtype, dtype_why = choose_reference_dtype(reference_dtype, manifest, source, available_memory())
+    say(f"loading the PyTorch reference ({dtype}: {dtype_why})")
+    reference = load_reference(manifest, model, dtype)
     chosen = choose_calibration(reference, manifest.precision, calibration)
     if chosen.mode != "float64":
         say(f"float tensors judged with a relative tolerance: {chosen.why}")
@@ -367,6 +377,7 @@ def run_parity(
     stages: dict[str, Any] = {"integrity": checked, **stages_of(context)}
     report = {
         **report_head(engines, backend, manifest, tol, chosen),
+        "reference_dtype": {"dtype": dtype, "why": dtype_why},
         "samples": len(questions),
         "pruning": manifest.pruning.to_dict(),
         "stages": stages,
