@@ -148,13 +148,17 @@ def test_fp16_graphs_on_cpu_keep_their_weights_fp16(engines_factory):
     copies of every weight), the language model's weights shared by prefill and decode, no arena; fp32 graphs keep
     the defaults."""
     from runtime.backends import load_runners
+    from runtime.backends.ort import OrtSettings
 
     runners = load_runners(Manifest.load(engines_factory(ratio=0.5, precision="fp16")), "ort-cpu")
     for runner in runners.values():
         assert runner.settings.optimization == "disabled" and not runner.settings.cpu_arena
     assert runners["prefill"].shared and set(runners["prefill"].shared) & set(runners["decode"].shared)
+    assert runners["visual"].shared  # nothing is repacked: every graph computes from the map of weights.bin
     for runner in load_runners(Manifest.load(engines_factory(ratio=0.5)), "ort-cpu").values():
         assert runner.settings.optimization == "all" and runner.settings.cpu_arena and not runner.shared
+    shared = load_runners(Manifest.load(engines_factory(ratio=0.5)), "ort-cpu", OrtSettings(share_weights=True))
+    assert shared["prefill"].shared and not shared["visual"].shared  # it shares only small biases: keeps repacking
 
 
 def test_fp16_reference_in_the_engines_precision(engines_factory):

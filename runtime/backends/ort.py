@@ -53,6 +53,9 @@ class OrtSettings:
     prepack_weights: bool = False
     # cpu_arena: ONNX Runtime's CPU memory arena (grows and keeps what it grew to: see fp16_on_cpu)
     cpu_arena: bool = True
+    # every_weight_from_map (with share_weights): every graph computes from the map of weights.bin, its own tensors
+    # too — no copy at all, where nothing is repacked anyway (fp16_on_cpu)
+    every_weight_from_map: bool = False
 
     def session_options(self):
         ort = onnxruntime_module()
@@ -77,7 +80,7 @@ class OrtSettings:
         16.5 GiB for 5 GB of fp16 weights). So: no graph optimization (each weight cast when its node runs, then
         freed), the weights shared between sessions (prepacking is moot: it packs fp32 MatMul weights, and these
         are cast outputs), and no arena (the arena kept every step's cast buffers: +7.8 GiB per decode step)."""
-        return replace(self, optimization="disabled", share_weights=True, cpu_arena=False)
+        return replace(self, optimization="disabled", share_weights=True, cpu_arena=False, every_weight_from_map=True)
 
 
 class OrtRunner:
@@ -153,6 +156,9 @@ def require_onnxruntime() -> None:
     onnxruntime_module()
 
 
+SHARED_FRACTION = 0.5  # of a graph's weight bytes that other graphs read too, for it to take shared weights
+
+
 class SharedWeights:
     """An engines folder's ``weights.bin`` (``export/weights.py``) memory-mapped once per loaded manifest. Every
     session gets the map as its external data from memory; with ``share_weights``, also one ONNX Runtime value per
@@ -184,13 +190,20 @@ class SharedWeights:
             weakref.finalize(manifest, cls._open.pop, key, None)
         return cls._open[key]
 
-    def initializers(self, graph: str) -> dict:
-        """The graph's tensors as shared values — only where another graph reads them too, and only while the graph
-        file is the one the index describes (its manifest sha256; an edited graph is run as it is)."""
-        names = self.index["graphs"].get(graph, [])
+    def initializers(self, graph: str, every_tensor: bool = False) -> dict:
+        """The graph's tensors as shared values over the map — those another graph reads too where they are most of
+        its weights, or ``every_tensor`` — and only while the graph file is the one the index describes (its manifest
+        sha256; an edited graph is run as it is)."""
         if self.graph_sha256.get(graph) != self.index.get("graph_sha256", {}).get(graph):
             return {}
-        if not any(self.readers[name] > 1 for name in names):
+        # only tensors another graph reads too, and only where they are most of the graph's weights (prefill and
+        # decode: the language model): a graph sharing little more than small (e.g. all-zero) biases keeps its own
+        # copies and ONNX Runtime's repacking, which sharing turns off for the session
+        tensors = self.index["tensors"]
+        own = self.index["graphs"].get(graph, [])
+        names = list(own) if every_tensor else [name for name in own if self.readers[name] > 1]
+        shared_bytes = sum(tensors[name]["length"] for name in names)
+        if not every_tensor and shared_bytes < SHARED_FRACTION * sum(tensors[name]["length"] for name in own):
             return {}
         ort = onnxruntime_module()
         for name in names:
@@ -212,7 +225,8 @@ def load_graph(manifest: Manifest, graph: str, providers: list[str], settings: O
     on_cpu = providers[0] == "CPUExecutionProvider"
     if on_cpu and manifest.precision == "fp16":
         settings = settings.fp16_on_cpu()
-    shared = weights.initializers(graph) if settings.share_weights and on_cpu else None
+    shared = weights.initializers(graph, every_tensor=settings.every_weight_from_map) \
+        if settings.share_weights and on_cpu else None
     return OrtRunner(manifest.path(manifest.graphs[graph].file), providers, settings, shared, weights)
 
 
