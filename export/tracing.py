@@ -108,9 +108,7 @@ def _declare_shapes(model: onnx.ModelProto, graph: GraphExport) -> None:
     """Write every input/output shape into the graph: the named dynamic axes as symbols, every other axis as the
     static size seen when tracing. The tracer leaves some output dims as generated names (``Addquery_embeds_dim_1``)
     although they are static (``k``); consumers (TensorRT profiles, the manifest) need them exact."""
-    with torch.no_grad():
-        outputs = graph.module(*graph.args)
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    outputs = example_outputs(graph)
     example_shapes = {name: tuple(t.shape) for name, t in zip(graph.input_names, graph.args)}
     example_shapes.update({name: tuple(t.shape) for name, t in zip(graph.output_names, outputs)})
     for value in list(model.graph.input) + list(model.graph.output):
@@ -125,6 +123,21 @@ def _declare_shapes(model: onnx.ModelProto, graph: GraphExport) -> None:
                 dim.dim_param = dynamic[axis]
             else:
                 dim.dim_value = int(size)
+
+
+def example_outputs(graph: GraphExport) -> tuple[torch.Tensor, ...]:
+    """``graph.module``'s outputs on its example inputs, for their shapes: propagated without computing anything
+    (``FakeTensorMode``) — the tracer has just run the real forward, and an fp16 one on a CPU is slow (minutes for
+    LLaMA-3.2-Vision's 6,404-token vision attention) — or, where a module needs real values, run for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad():
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                outputs = graph.module(*(mode.from_tensor(arg) for arg in graph.args))
+        except Exception:  # noqa: BLE001 - data-dependent code (``.item()``, ``nonzero``): the real forward
+            outputs = graph.module(*graph.args)
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
 def check_graph(path: Path) -> None:

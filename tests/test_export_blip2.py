@@ -355,3 +355,21 @@ def test_negative_control_unhashed_change_also_fails(engines, tmp_path):
     assert result.returncode == 1
     report = json.loads((copy / "parity.json").read_text())
     assert report["stages"]["integrity"]["passed"] is False and report["stages"]["decode"]["passed"] is False
+
+
+def test_output_shapes_without_computing(tiny_blip2):
+    """The shapes the manifest declares come from a forward that computes nothing (FakeTensorMode), equal to the
+    real forward's."""
+    import torch
+
+    from export import adapters
+    from export.tracing import example_outputs
+
+    adapter = adapters.load(adapters.detect(tiny_blip2), tiny_blip2, "fp32")
+    for graph in adapter.graphs(adapter.resolve(PruningConfig(method="catp", ratio=0.5), "original")):
+        with torch.no_grad():
+            real = graph.module(*graph.args)
+        real = real if isinstance(real, tuple) else (real,)
+        fake = example_outputs(graph)
+        assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+        assert all(type(t).__name__ == "FakeTensor" for t in fake)  # nothing was computed
