@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "samples" / "easyvqa-test-0.png"
+QUESTION = "what color is the shape?"
 
 
 def run_measured(name: str, command: list[str], log: Path) -> dict:
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=Path, default=None,
                         help="engines folder to build (default: engines/_memory/<model folder name>-<precision>)")
     parser.add_argument("--steps", default="build,infer,parity")
+    parser.add_argument("--image", action="append", type=Path, default=None,
+                        help="image for infer and parity (repeatable; default: a shipped easy-VQA sample for infer, "
+                             "parity's own synthetic images)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     engines = args.engines or REPO / "engines" / "_memory" / f"{args.model.name}-{args.precision}"
@@ -92,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "build": [python, "export/build.py", "--model", str(args.model), "--precision", args.precision,
                   "--ratio", str(args.ratio), "--out", str(engines), "--force", *extra],
-        "infer": [python, "runtime/infer.py", "--engines", str(engines), "--image", str(SAMPLE),
-                  "--question", "what color is the shape?", "--json"],
-        "parity": [python, "-m", "runtime.parity", "--engines", str(engines), "--out", str(args.out / "parity.json")],
+        "infer": [python, "runtime/infer.py", "--engines", str(engines), "--image", str((args.image or [SAMPLE])[0]),
+                  "--question", QUESTION, "--json"],
+        "parity": [python, "-m", "runtime.parity", "--engines", str(engines), "--out", str(args.out / "parity.json"),
+                   *[flag for image in args.image or [] for flag in ("--image", str(image), "--question", QUESTION)]],
     }
     report = {"model": str(args.model), "precision": args.precision, "ratio": args.ratio, "build_flags": extra,
+              "images": [str(image) for image in args.image or []],
               "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
               "cpu_count": os.cpu_count(), "steps": {}}
     for step in args.steps.split(","):

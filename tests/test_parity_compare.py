@@ -202,3 +202,24 @@ def test_compare_is_pure_numpy():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert imported <= {"__future__", "typing", "numpy", "runtime"}, imported
+
+
+def test_replay_respects_max_batch():
+    """Feeds concatenated over several calls are replayed at most max_batch rows at a time, outputs in order."""
+    from runtime.parity.stages import run_in_batches
+
+    class Doubler:
+        def __init__(self):
+            self.rows = []
+
+        def run(self, feeds):
+            self.rows.append(len(feeds["x"]))
+            return {"y": feeds["x"] * 2}
+
+    runner = Doubler()
+    feeds = {"x": np.arange(5.0)[:, None]}
+    out = run_in_batches(runner, feeds, 2)
+    assert runner.rows == [2, 2, 1] and np.array_equal(out["y"], feeds["x"] * 2)
+    runner.rows.clear()
+    run_in_batches(runner, feeds, 8)
+    assert runner.rows == [5]

@@ -15,7 +15,8 @@ import numpy as np
 
 from runtime.parity.compare import (compare_kept_sets, compare_kept_sets_with_bounds, compare_scores_to_bounds,
                                     compare_tokens, same_kept_rows)
-from runtime.parity.stages import ParityContext, cast_feeds, concat_calls, hf_anchor_stage, register_stages
+from runtime.parity.stages import (ParityContext, cast_feeds, concat_calls, hf_anchor_stage, register_stages,
+                                   run_in_batches)
 from runtime.tolerance import tensor_stats
 
 PER_CALL_GRAPHS = ("embed", "prefill", "decode")  # judged on the reference's first call of each
@@ -58,7 +59,8 @@ def stages(context: ParityContext) -> dict[str, Any]:
     onnx_answers = context.onnx_answers(onnx, hf_pixels)
 
     say("visual / embed / prefill / decode graphs")
-    onnx_visual = onnx_runners["visual"].runner.run(ref_visual_feeds)
+    onnx_visual = run_in_batches(onnx_runners["visual"].runner, cast_feeds(ref_visual_feeds, manifest.graphs["visual"]),
+                                 manifest.max_batch)
     if bounds is None:
         visual = {
             "scores": context.judge(ref_visual, ref64["visual"], onnx_visual, ["scores"]),

@@ -17,7 +17,8 @@ import numpy as np
 
 from runtime.parity.compare import (compare_kept_sets, compare_kept_sets_with_bounds, compare_scores_to_bounds,
                                     compare_tokens, same_kept_rows)
-from runtime.parity.stages import ParityContext, cast_feeds, concat_calls, hf_anchor_stage, register_stages
+from runtime.parity.stages import (ParityContext, cast_feeds, concat_calls, hf_anchor_stage, register_stages,
+                                   run_in_batches)
 from runtime.pipelines.mllama import cross_attention_mask
 from runtime.text import format_prompt
 from runtime.tolerance import tensor_stats
@@ -83,7 +84,8 @@ def stages(context: ParityContext) -> dict[str, Any]:
     onnx_answers = context.onnx_answers(onnx, hf_pixels)
 
     say("vision / prefill / decode graphs")
-    onnx_vision = onnx_runners["vision"].runner.run(cast_feeds(vision_feeds, manifest.graphs["vision"]))
+    onnx_vision = run_in_batches(onnx_runners["vision"].runner, cast_feeds(vision_feeds, manifest.graphs["vision"]),
+                                 manifest.max_batch)
     result["vision"] = context.judge(ref_vision, ref64["vision"], onnx_vision, ["cross_attention_states"])
 
     prefill_stage: dict[str, Any] = {}

@@ -99,6 +99,17 @@ def concat_calls(calls):
     return feeds, outputs
 
 
+def run_in_batches(runner, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``runner`` on feeds concatenated over several calls, at most ``batch`` rows at a time (the manifest's
+    ``max_batch``: what the engines were built to hold at once), the outputs concatenated back."""
+    rows = len(next(iter(feeds.values())))
+    if rows <= batch:
+        return runner.run(feeds)
+    parts = [runner.run({name: value[start : start + batch] for name, value in feeds.items()})
+             for start in range(0, rows, batch)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def cast_feeds(feeds, spec):
     """``feeds`` in the dtypes the graph ``spec`` (the manifest's) declares: the reference feeds fp32 to fp16 graphs."""
     return {t.name: feeds[t.name].astype(np.dtype(t.dtype)) for t in spec.inputs}
