@@ -59,7 +59,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
     onnx_answers = context.onnx_answers(onnx, hf_pixels)
 
     say("visual / embed / prefill / decode graphs")
-    onnx_visual = run_in_batches(onnx_runners["visual"].runner, cast_feeds(ref_visual_feeds, manifest.graphs["visual"]),
+    onnx_visual = run_in_batches(onnx_runners["visual"], cast_feeds(ref_visual_feeds, manifest.graphs["visual"]),
                                  manifest.max_batch)
     if bounds is None:
         visual = {
@@ -86,7 +86,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
             result[graph] = {"passed": True, "skipped": "the reference never ran this graph (EOS at once)"}
             continue
         feeds, ref_out = graph_calls[graph]
-        onnx_out = onnx_runners[graph].runner.run(cast_feeds(feeds, manifest.graphs[graph]))
+        onnx_out = onnx_runners[graph].run(cast_feeds(feeds, manifest.graphs[graph]))
         result[graph] = context.judge(ref_out, ref64[graph], onnx_out, list(ref_out))
 
     ref_tokens = [a.token_ids for a in ref_answers]

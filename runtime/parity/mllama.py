@@ -84,14 +84,15 @@ def stages(context: ParityContext) -> dict[str, Any]:
     onnx_answers = context.onnx_answers(onnx, hf_pixels)
 
     say("vision / prefill / decode graphs")
-    onnx_vision = run_in_batches(onnx_runners["vision"].runner, cast_feeds(vision_feeds, manifest.graphs["vision"]),
+    onnx_vision = run_in_batches(onnx_runners["vision"], cast_feeds(vision_feeds, manifest.graphs["vision"]),
                                  manifest.max_batch)
     result["vision"] = context.judge(ref_vision, ref64["vision"], onnx_vision, ["cross_attention_states"])
+    del vision_feeds, ref_vision, onnx_vision, ref64["vision"]  # (B, 6404, D) each at real sizes: freed stage by stage
 
     prefill_stage: dict[str, Any] = {}
     kept_rows_all = []
     for index, ((feeds, ref_out), bounds) in enumerate(zip(prefill_calls, bounds_per_call)):
-        onnx_out = onnx_runners["prefill"].runner.run(cast_feeds(feeds, manifest.graphs["prefill"]))
+        onnx_out = onnx_runners["prefill"].run(cast_feeds(feeds, manifest.graphs["prefill"]))
         ref64_out = ref64[f"prefill.{index}"]
         if bounds is None:  # continuous scores: calibrated, near-ties at the selection boundary
             scores = context.judge(ref_out, ref64_out, onnx_out, ["scores"])
@@ -115,7 +116,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
 
     if decode_calls:
         feeds, ref_out = decode_calls[0]
-        onnx_out = onnx_runners["decode"].runner.run(cast_feeds(feeds, manifest.graphs["decode"]))
+        onnx_out = onnx_runners["decode"].run(cast_feeds(feeds, manifest.graphs["decode"]))
         result["decode"] = context.judge(ref_out, ref64["decode"], onnx_out, list(ref_out))
     else:
         result["decode"] = {"passed": True, "skipped": "the reference never ran a decode step (EOS at once)"}

@@ -183,15 +183,17 @@ class ParityContext:
         bounds), then free the model before the ONNX side loads."""
         if self.save_reference is not None:
             self.saved_reference = save_recorded_reference(self, self.save_reference)
+        self.reference_calls.clear()  # saved or not needed: the stages keep the calls they judge, and free them as they go
         self.reference.release()
 
     def onnx_pipeline(self):
-        """(ONNX pipeline, its runners) on ``backend``, every call recorded."""
+        """(ONNX pipeline, its runners) on ``backend``. Nothing recorded: every graph is judged on the reference's
+        inputs, and the pipeline's own calls (a KV cache copy per decode step) are not kept."""
         from runtime.backends import load_runners
         from runtime.pipelines import make_pipeline
 
         self.say(f"loading the engines ({self.backend})")
-        runners = {name: RecordingRunner(name, runner) for name, runner in load_runners(self.manifest, self.backend).items()}
+        runners = load_runners(self.manifest, self.backend)
         return make_pipeline(self.manifest, runners), runners
 
     def onnx_answers(self, onnx, pixel_values):
