@@ -1,4 +1,4 @@
-"""Trace a ``GraphExport`` to ONNX, check it, and save it (external data when large).
+"""Trace a ``GraphExport`` to ONNX, its weights streamed into the folder's one ``weights.bin``, check it, save it.
 
 The TorchScript-based exporter (``torch.onnx.export(dynamo=False)``) is used: it handles the HF modules and
 the explicit KV cache with named dynamic axes in seconds. Every graph then passes ``onnx.checker`` (full check)
