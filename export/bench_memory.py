@@ -33,12 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = OrtSettings(threads=request["threads"], spinning=False) if backend.startswith("ort") else None
         system = PipelineSystem(Path(row["engines"]), backend, settings)
     system.run(images, questions, request["new_tokens"])
-    print(peak_rss_kib() / 1024)
+    print(peak_rss_bytes() / 2**20)
     return 0
-
-
-def peak_rss_kib() -> float:
-    return peak_rss_bytes() / 1024
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from export.adapters.base import GraphExport
-from export.weights import WeightStore
+from export.weights import WeightStore, declared_nbytes
 from runtime.manifest import GraphSpec, TensorSpec
 
 DEFAULT_OPSET = 17
@@ -42,10 +42,7 @@ def _tensor_specs(values) -> list[TensorSpec]:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(
-        int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        for t in model.graph.initializer
-    )
+    return sum(declared_nbytes(tensor) for tensor in model.graph.initializer)
 
 
 def export_graph(

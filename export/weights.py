@@ -68,7 +68,7 @@ def _point_external(tensor: onnx.TensorProto, name: str, offset: int, length: in
         entry.key, entry.value = key, value
 
 
-def _declared_nbytes(tensor: onnx.TensorProto) -> int:
+def declared_nbytes(tensor: onnx.TensorProto) -> int:
     """Bytes of ``tensor``'s values from its dims and type, without reading them."""
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
@@ -82,8 +82,8 @@ def _little_endian_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
         with open(base_dir / info["location"], "rb") as source:
             source.seek(int(info.get("offset", 0)))
             data = source.read(int(info["length"])) if "length" in info else source.read()
-        if len(data) != _declared_nbytes(tensor):
-            raise ValueError(f"external data of {tensor.name!r}: {len(data)} bytes, its shape needs {_declared_nbytes(tensor)}")
+        if len(data) != declared_nbytes(tensor):
+            raise ValueError(f"external data of {tensor.name!r}: {len(data)} bytes, its shape needs {declared_nbytes(tensor)}")
         return data
     if tensor.HasField("raw_data"):
         return tensor.raw_data
@@ -143,7 +143,7 @@ class WeightStore:
         kept: list[onnx.TensorProto] = []
         names: list[str] = []
         for tensor in model.graph.initializer:
-            if tensor.data_type == onnx.TensorProto.STRING or _declared_nbytes(tensor) < MIN_BYTES:
+            if tensor.data_type == onnx.TensorProto.STRING or declared_nbytes(tensor) < MIN_BYTES:
                 _make_inline(tensor, base_dir)  # too small to share: back inside the graph
                 kept.append(tensor)
                 continue

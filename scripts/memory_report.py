@@ -33,11 +33,11 @@ def run_measured(name: str, command: list[str], log: Path) -> dict:
     with open(log, "w") as output:
         child = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    exit_code = child.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen told so
     seconds = time.perf_counter() - started
     peak = usage.ru_maxrss * 1024  # KiB on Linux
-    print(f"[{name}] exit {child.returncode}, {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    return {"command": command, "exit_code": child.returncode, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
+    print(f"[{name}] exit {exit_code}, {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    return {"command": command, "exit_code": exit_code, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
             "log": log.name}
 
 

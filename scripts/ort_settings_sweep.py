@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             run, outside = stage_outside(system, lambda: system.run(images[:batch], [question] * batch, args.new_tokens))
             if repetition >= args.warmup:
                 results[index].append((run, outside))
-    from export.bench_memory import peak_rss_kib
+    from runtime.memory import peak_rss_bytes
 
-    process_peak = round(peak_rss_kib() / 1024)  # the whole process: one setting's own figure under --isolated
+    process_peak = round(peak_rss_bytes() / 2**20)  # the whole process: one setting's own figure under --isolated
     rows = []
     for index, (describe, system, batch) in enumerate(cells):
         runs = results[index]

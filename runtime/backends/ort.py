@@ -208,7 +208,7 @@ class SharedWeights:
         ort = onnxruntime_module()
         for name in names:
             if name not in self.values:
-                entry = self.index["tensors"][name]
+                entry = tensors[name]
                 count = entry["length"] // np.dtype(entry["dtype"]).itemsize
                 array = np.frombuffer(self.map, dtype=entry["dtype"], count=count, offset=entry["offset"])
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy(array.reshape(entry["shape"]))

@@ -360,8 +360,8 @@ def run_parity(
     ``calibration``: ``float64`` (judge float tensors against a float64 run of the reference, calibrated on the fp32
     reference's own noise), ``relative`` (a tensor-scale-relative tolerance), ``auto`` (float64 where a float64
     copy of the model fits in memory). ``reference_dtype``: ``fp32``, ``fp16`` (as the exporter builds it), ``auto``
-(fp32 where an fp32 copy of the checkpoint fits in memory, else the engines' precision). ``save_reference``: also write the reference's graph calls (inputs, fp32 and,
-    when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``)."""
+    (fp32 where an fp32 copy of the checkpoint fits in memory, else the engines' precision). ``save_reference``: also
+    write the reference's graph calls (inputs, fp32 and, when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``)."""
     from runtime.parity import run_results
 
     say = stderr_say(quiet)
