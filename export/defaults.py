@@ -14,16 +14,22 @@ from runtime.errors import CheckpointError
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = REPO / "engines"
 DEFAULT_MODEL = REPO / "models" / "blip2-easyvqa"
-DEFAULT_MODEL_NOTE = "models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA that ships with the repository"
+DEFAULT_MODEL_NOTE = ("models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA that ships with the repository; "
+                      "'mllama' names models/mllama-easyvqa, the shipped LLaMA-3.2-Vision-style model")
+MLLAMA_MODEL = REPO / "models" / "mllama-easyvqa"
+# the shipped models by name: ``--model blip2`` / ``--model mllama`` (a folder of that name, if any, wins)
+MODEL_ALIASES = {"blip2": (DEFAULT_MODEL, "scripts/train_easyvqa.py"), "mllama": (MLLAMA_MODEL, "scripts/train_easyvqa_mllama.py")}
 EVAL_ENGINES_CACHE = ENGINES / "_eval"  # engines built by the evaluation, one folder per configuration
 EVAL_RESULTS = REPO / "scripts" / "results"  # the evaluation's default --out is a folder under here
 
 
 def resolve_model(model: Path | None) -> Path:
-    """``--model`` when given, else the shipped default model (which must be there)."""
-    if model is not None:
+    """``--model`` when given (a folder, or the name of a shipped model: ``blip2``, ``mllama``), else the shipped
+    BLIP-2 default (which must be there)."""
+    if model is not None and (model.exists() or str(model) not in MODEL_ALIASES):
         return model
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing: pass --model DIR (a local BLIP-2 OPT "
-                              "checkpoint), or train it with scripts/train_easyvqa.py")
-    return DEFAULT_MODEL
+    folder, trainer = MODEL_ALIASES[str(model) if model is not None else "blip2"]
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"the shipped model {folder} is missing: pass --model DIR (a local BLIP-2 OPT or Mllama "
+                              f"checkpoint), or train it with {trainer}")
+    return folder

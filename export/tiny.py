@@ -210,20 +210,14 @@ def build_mllama_tokenizer(words=WORDS):
     )
 
 
-def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()) -> Path:
-    """Write a tiny ``MllamaForConditionalGeneration`` + ``MllamaProcessor`` to ``folder``.
+def mllama_config(spec: TinyMllamaSpec, tokenizer):
+    """``MllamaConfig`` of ``spec`` over ``tokenizer`` (built by :func:`build_mllama_tokenizer`): ``<|image|>`` is the
+    text vocabulary size, as in the real model."""
+    from transformers import MllamaConfig
 
-    Init traps (papers.md) handled: the cross-attention gates and the tile/aspect-ratio embedding gates start at 0
-    (the image would not matter), so they are set non-zero; the projector is redrawn at std 0.1 so that different
-    images give different answers.
-    """
-    import torch
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-
-    tokenizer = build_mllama_tokenizer()
     text_vocab = tokenizer.convert_tokens_to_ids("<|image|>")
     indices = [0, 1] if spec.vision_layers >= 2 else [0]
-    config = MllamaConfig(
+    return MllamaConfig(
         vision_config=dict(
             image_size=spec.image_size, patch_size=spec.patch_size, max_num_tiles=spec.max_num_tiles,
             hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
@@ -240,6 +234,20 @@ def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()
         ),
         image_token_index=text_vocab,
     )
+
+
+def make_tiny_mllama(folder: str | Path, spec: TinyMllamaSpec = TinyMllamaSpec()) -> Path:
+    """Write a tiny ``MllamaForConditionalGeneration`` + ``MllamaProcessor`` to ``folder``.
+
+    Init traps (papers.md) handled: the cross-attention gates and the tile/aspect-ratio embedding gates start at 0
+    (the image would not matter), so they are set non-zero; the projector is redrawn at std 0.1 so that different
+    images give different answers.
+    """
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    tokenizer = build_mllama_tokenizer()
+    config = mllama_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = MllamaForConditionalGeneration(config).eval()
     fix_mllama_init(model)

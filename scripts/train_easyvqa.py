@@ -13,7 +13,6 @@ The result is saved with ``save_pretrained`` (model + processor) with a model ca
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from export.defaults import DEFAULT_MODEL
+from export.easyvqa_training import load_split, progress, train, training_record, write_record
 
 PROMPT = "Question: {} Answer:"
 IMAGE_SIZE = 64  # easy-VQA images are 64 × 64
-SHAPES = ("circle", "rectangle", "triangle")
 
 
 def parse_args(argv=None):
@@ -43,14 +42,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ data
-
-
-def load_split(split: str):
-    import easy_vqa
-
-    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
-    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
-    return list(questions), list(answers), list(image_ids), paths
 
 
 def build_tokenizer(texts):
@@ -110,37 +101,6 @@ def pixel_table(paths: dict, image_processor) -> tuple[np.ndarray, dict]:
     ids = sorted(paths)
     pixels = image_processor([Image.open(paths[i]) for i in ids], return_tensors="np")["pixel_values"].astype(np.float32)
     return pixels, {image_id: row for row, image_id in enumerate(ids)}
-
-
-def answer_kind(answer: str) -> str:
-    return "shape" if answer in SHAPES else "yes/no" if answer in ("yes", "no") else "color"
-
-
-def curriculum(answers) -> list[tuple[float, np.ndarray]]:
-    """Phases of (fraction of the steps, sampling probability per question): shape questions alone, then color
-    questions alone, then half the natural distribution and half balanced over answer kinds (yes/no, color, shape).
-
-    Why (each run 7 epochs, 2 threads, measured on the test split): on the natural mix (73% yes/no, mostly about
-    colors) the model learns colors and never shapes: 85% overall, 37% on "what shape" (chance 33%); balanced
-    sampling: 79%, shapes still at chance; "what" questions of both kinds first: 85%, shapes at chance; shape
-    questions alone first: shapes 100% but "what color" then stayed at chance (12%). Colors are learned in a few
-    hundred steps once asked for alone, shapes only when nothing easier competes."""
-    kinds = np.array([answer_kind(a) for a in answers])
-    counts = {kind: int((kinds == kind).sum()) for kind in set(kinds.tolist())}
-    balanced = np.array([1.0 / counts[kind] for kind in kinds])
-    natural = np.ones(len(answers))
-    only = lambda kind: (kinds == kind) / (kinds == kind).sum()  # noqa: E731
-    mixed = 0.5 * natural / natural.sum() + 0.5 * balanced / balanced.sum()
-    return [(0.2, only("shape")), (0.1, only("color")), (0.7, mixed)]
-
-
-def phase_sampling(phases, step: int, total_steps: int) -> np.ndarray:
-    start = 0.0
-    for fraction, sampling in phases:
-        if step < (start + fraction) * total_steps:
-            return sampling
-        start += fraction
-    return phases[-1][1]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -217,7 +177,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
-    say = lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say = progress(started)
 
     questions, answers, image_ids, paths = load_split("train")
     test_q, test_a, test_ids, test_paths = load_split("test")
@@ -235,37 +195,19 @@ def main(argv=None) -> int:
 
     steps_per_epoch = math.ceil(len(questions) / args.batch_size)  # an "epoch" is this many batches (sampled, balanced)
     total_steps = args.steps or int(args.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = min(200, total_steps // 10 + 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    )
-    phases = curriculum(answers)
-    model.train()
-    step, losses = 0, []
-    deadline = started + args.max_minutes * 60
-    while step < total_steps and time.perf_counter() < deadline:
-        sampling = phase_sampling(phases, step, total_steps)
-        batch = rng.choice(len(questions), size=args.batch_size, p=sampling)
+
+    def loss_of(batch):
         width = int(mask[batch].sum(1).max())
-        loss = forward_loss(
+        return forward_loss(
             model,
             torch.from_numpy(pixels[image_rows[batch]]),
             torch.from_numpy(input_ids[batch, :width]),
             torch.from_numpy(mask[batch, :width]),
             torch.from_numpy(labels[batch, :width]),
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if step % 100 == 0 or step == total_steps:
-            say(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}) loss {np.mean(losses[-100:]):.4f}")
-    train_minutes = (time.perf_counter() - started) / 60
-    model.eval()
+
+    run = train(model, loss_of, answers, total_steps, steps_per_epoch, batch_size=args.batch_size, lr=args.lr, rng=rng,
+                max_minutes=args.max_minutes, say=say, started=started)
 
     test_pixels, test_row_of = pixel_table(test_paths, image_processor)
     subset = np.arange(len(test_q)) if args.eval_limit is None else rng.permutation(len(test_q))[: args.eval_limit]
@@ -279,15 +221,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
-    training = {
-        "command": "python scripts/train_easyvqa.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-        "data": "easy-VQA (pip package easy-vqa 1.0): train split, 4,000 images, 38,575 questions",
-        "seed": args.seed, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-        "train_minutes": round(train_minutes, 2), "final_loss": round(float(np.mean(losses[-100:])), 4),
-        "test_questions": int(len(subset)), "test_accuracy_torch_greedy": round(accuracy, 4),
-        "torch": torch.__version__,
-    }
-    (args.out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    command = "python scripts/train_easyvqa.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    training = training_record(command, args, run, len(subset), accuracy)
+    write_record(args.out, training)
     write_card(args.out, training)
     say(f"saved {args.out}")
     return 0
@@ -307,7 +243,7 @@ easy-VQA so that the project has a default model that really answers. Weights: r
   with the runtime's own prompt template; word-level tokenizer (`tokenizers`) built from the training split.
   Curriculum: 20% of the steps on shape questions alone, 10% on color questions alone, then half the natural mix
   and half balanced over answer kinds (yes/no, color, shape); on the natural mix alone shapes are never learned
-  (`curriculum()` in the script lists the runs that led here).
+  (`curriculum()` in `export/easyvqa_training.py` lists the runs that led here).
 - Seed {training['seed']}, {training['steps']} steps of batch {training['batch_size']}, AdamW lr {training['lr']} (warm-up + cosine),
   {training['threads']} CPU threads, {training['train_minutes']} minutes; final training loss {training['final_loss']}.
 - Accuracy (greedy, exact match, PyTorch, unpruned) on {training['test_questions']} easy-VQA test questions:
