@@ -33,6 +33,7 @@ class Config:
     positions: str = "original"
     image_importance: bool = False
     seed: int = 0
+    trim_first_layer: bool = False  # Mllama: the first cross-attention layer's own keys/values trimmed too
 
     @property
     def unpruned(self) -> bool:
@@ -50,6 +51,8 @@ class Config:
             label += " +ii"
         if self.method == "random" and self.seed != 0:
             label += f" (seed {self.seed})"
+        if self.trim_first_layer:
+            label += " +first layer"
         if self.positions != "original":
             label += f" [{self.positions}]"
         return label
@@ -68,13 +71,15 @@ class Config:
             name += f"-s{self.seed}"
         if self.positions != "original":
             name += f"-{self.positions}"
+        if self.trim_first_layer:
+            name += "-trim1"
         return f"{name}-r{self.ratio:g}"
 
     def pruning(self):
         from export.pruning import PruningConfig
 
         return PruningConfig(method=self.method, ratio=self.ratio, layer_weights=self.layer_weights,
-                             image_importance=self.image_importance, seed=self.seed)
+                             image_importance=self.image_importance, seed=self.seed, trim_first_layer=self.trim_first_layer)
 
 
 GRAPH_SOURCES = ("adapters", "models", "pruning.py", "selection.py", "tracing.py", "weights.py", "builder.py")  # export/
@@ -137,7 +142,8 @@ class Pipelines:
         except ManifestError:
             return False
         wanted = {"method": config.method, "ratio": config.ratio, "layer_weights_preset": config.layer_weights,
-                  "image_importance": config.image_importance, "seed": config.seed, "positions": config.positions}
+                  "image_importance": config.image_importance, "seed": config.seed, "positions": config.positions,
+                  "trim_first_layer": config.trim_first_layer}
         return (manifest.model.get("weights_sha256") == self.weights and manifest.precision == "fp32"
                 and all(getattr(manifest.pruning, key) == value for key, value in wanted.items()))
 
@@ -213,6 +219,22 @@ class ImageCache:
             _, old = self.images.popitem(last=False)
             self.used -= old.width * old.height * len(old.getbands())
         return image
+
+
+def cross_kv_bytes(manifest) -> dict | None:
+    """Per image, bytes of the cross-attention keys/values the language model holds, untrimmed (N tokens in every
+    cross layer) and as kept (the first cross layer N unless trimmed too, the later ones k) — Mllama; None for a
+    family without a cross-attention cache (BLIP-2)."""
+    language = manifest.language_model
+    layers = language.get("cross_attention_layers")
+    if not layers:
+        return None
+    pruning = manifest.pruning
+    num, k = int(pruning.num_visual_tokens), int(pruning.k)
+    per_token = 2 * int(language["num_key_value_heads"]) * int(language["head_dim"]) * (2 if manifest.precision == "fp16" else 4)
+    kept_tokens = [num if index == 0 and not pruning.trim_first_layer else k for index in range(len(layers))]
+    full, kept = per_token * num * len(layers), per_token * sum(kept_tokens)
+    return {"full": full, "kept": kept, "kept_fraction": round(kept / full, 6)}
 
 
 def answer_and_score(pipeline, dataset, images: ImageCache, batch_size: int, max_new_tokens: int, label: str):

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from export.defaults import EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
-from export.eval_pipelines import Config, ImageCache, Pipelines, answer_and_score
+from export.defaults import DEFAULT_MODEL_NOTE, EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
+from export.eval_pipelines import Config, ImageCache, Pipelines, answer_and_score, cross_kv_bytes
 from export.eval_report import accuracy_by_type, write_outputs
 from export.vqa_data import VqaV2Files, load_dataset
 from runtime.errors import UsageError, cli_errors
@@ -33,6 +33,7 @@ USAGE = """Accuracy against pruning ratio: a grid of ratios × methods (× CATP 
     python scripts/eval_vqa.py                                   # default model, easy-VQA test split, ORT on CPU
     python scripts/eval_vqa.py --ratios 0,0.5,0.75 --methods catp,l2 --limit 500 --backend torch
     python scripts/eval_vqa.py --layer-weights "uniform;first;0.5,1" --positions original,compact --methods catp
+    python scripts/eval_vqa.py --model mllama --trim-first-layer off,on --ratios 0,0.5,0.75,0.9,0.95   # Trimmed Llama
     python scripts/eval_vqa.py --model DIR --dataset vqav2 --questions Q.json --annotations A.json --images DIR
     (or vtprune eval ..., the same command)
 
@@ -43,9 +44,8 @@ loaded once). easy-VQA is scored by exact match after the official VQA answer no
 the official VQA accuracy. Writes results.json, predictions.jsonl, results.md and accuracy_vs_ratio.png to --out.
 """
 DEFAULT_RATIOS = "0,0.5,0.75,0.875,0.9375"
-DEFAULT_METHODS = "catp,l2,self-attn,random,first-k"  # every BLIP-2 method of export.pruning
 BACKENDS = ("ort-cpu", "ort-cuda", "torch")
-UNPRUNED_METHOD = "first-k"  # ratio 0 keeps every token in order whatever the method: the cheapest graph does it
+TRIM_FIRST_LAYER = {"off": False, "on": True}
 
 
 # ------------------------------------------------------------------------------------------------ flags and grid
@@ -53,18 +53,23 @@ UNPRUNED_METHOD = "first-k"  # ratio 0 keeps every token in order whatever the m
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval_vqa.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="local HF checkpoint folder (default: models/blip2-easyvqa)")
+    parser.add_argument("--model", type=Path, default=None, help=f"local HF checkpoint folder (default: {DEFAULT_MODEL_NOTE})")
     parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa (default) | vqav2")
     parser.add_argument("--split", default="test", help="easy-VQA split: test (default) | train")
     parser.add_argument("--questions", type=Path, help="vqav2: questions JSON")
     parser.add_argument("--annotations", type=Path, help="vqav2: annotations JSON")
     parser.add_argument("--images", type=Path, help="vqav2: image folder (COCO_<subtype>_<id:012d>.jpg, *<id:012d>.jpg|png, <id>.jpg|png)")
     parser.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"comma list of fractions REMOVED, in [0, 1) (default {DEFAULT_RATIOS})")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    parser.add_argument("--methods", default=None,
+                        help="comma list (default: every method of the model's family — BLIP-2: catp,l2,self-attn,random,"
+                             "first-k; Mllama: trim-sum,trim-union,l2,random,uniform)")
     parser.add_argument("--layer-weights", default="uniform",
                         help="CATP layer weights: presets uniform, first, last, first+last, comma- or ';'-separated; custom "
                              "lists w0,w1,... are ';'-separated, e.g. 'uniform;0.5,1' (default uniform; other methods ignore it)")
     parser.add_argument("--positions", default="original", help="comma list: original, compact (default original)")
+    parser.add_argument("--trim-first-layer", default="off",
+                        help="Mllama only: comma list of off, on — also trim the first cross-attention layer's own "
+                             "keys/values (default off; 'off,on' evaluates both)")
     parser.add_argument("--image-importance", action=argparse.BooleanOptionalAction, default=False,
                         help="CATP only: weight votes by image-token importance (default off)")
     parser.add_argument("--backend", default="ort-cpu", help="ort-cpu (default; engines built and cached) | torch (PyTorch reference) | ort-cuda")
@@ -101,9 +106,11 @@ def layer_weight_specs(text: str) -> list[str]:
     return specs
 
 
-def make_grid(args: argparse.Namespace) -> list[Config]:
-    """Unpruned first (when 0 is among the ratios), then ratio × method × (CATP: layer weights) × positions."""
-    from export.pruning import check_method, keep_count
+def make_grid(args: argparse.Namespace, adapter_cls=None) -> list[Config]:
+    """Unpruned first (when 0 is among the ratios), then ratio × method × (CATP: layer weights) × positions ×
+    (Mllama: trim the first layer or not). ``adapter_cls``: the model family's adapter (its methods); None checks
+    the flags alone, against every family's methods (before the model is looked at)."""
+    from export.pruning import ALL_METHODS, check_method, keep_count
     from runtime.manifest import POSITION_POLICIES
 
     ratios = []
@@ -114,9 +121,18 @@ def make_grid(args: argparse.Namespace) -> list[Config]:
             raise UsageError(f"--ratios must be a comma list of numbers in [0, 1), got {item!r}") from None
         keep_count(32, ratio)  # range check: [0, 1)
         ratios.append(ratio)
-    methods = comma_list(args.methods, "--methods")
+    family_methods = adapter_cls.methods if adapter_cls is not None else ALL_METHODS
+    methods = comma_list(args.methods, "--methods") if args.methods is not None else list(family_methods)
     for method in methods:
-        check_method(method)
+        check_method(method, family_methods)
+    trims = []
+    for item in comma_list(args.trim_first_layer, "--trim-first-layer"):
+        if item not in TRIM_FIRST_LAYER:
+            raise UsageError(f"--trim-first-layer takes a comma list of off, on; got {item!r}")
+        trims.append(TRIM_FIRST_LAYER[item])
+    if any(trims) and adapter_cls is not None and adapter_cls.name != "mllama":
+        raise UsageError("--trim-first-layer on is a Trimmed-Llama (Mllama) option; this model is "
+                         f"{adapter_cls.architectures[0]}")
     policies = comma_list(args.positions, "--positions")
     for policy in policies:
         if policy not in POSITION_POLICIES:
@@ -125,13 +141,15 @@ def make_grid(args: argparse.Namespace) -> list[Config]:
     if args.image_importance and "catp" not in methods:
         raise UsageError("--image-importance applies to catp only; add catp to --methods")
 
-    configs = [Config(UNPRUNED_METHOD, 0.0)] if 0.0 in ratios else []
+    unpruned = adapter_cls.unpruned_method if adapter_cls is not None else "first-k"
+    configs = [Config(unpruned, 0.0)] if 0.0 in ratios else []
     for ratio in sorted({r for r in ratios if r > 0}):
         for method in methods:
             catp = method == "catp"
             for weight in weights if catp else ["uniform"]:
                 for policy in policies:
-                    configs.append(Config(method, ratio, weight, policy, args.image_importance and catp, args.seed))
+                    for trim in trims:
+                        configs.append(Config(method, ratio, weight, policy, args.image_importance and catp, args.seed, trim))
     return configs
 
 
@@ -177,6 +195,7 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
         k, num = int(pruning.k), int(pruning.num_visual_tokens)
         catp = config.method == "catp" and not config.unpruned
         built = build_seconds.get(config.name)
+        kv = cross_kv_bytes(pipeline.manifest)
         results.append({
             "config": config.name, "series": config.series, "method": "unpruned" if config.unpruned else config.method,
             "ratio": config.ratio, "k": k, "num_visual_tokens": num, "kept_fraction": k / num,
@@ -184,6 +203,9 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
             "layer_weights_resolved": pruning.layer_weights if catp else None,
             "positions": None if config.unpruned else config.positions, "image_importance": config.image_importance,
             "seed": config.seed if config.method == "random" else None,
+            "trim_first_layer": config.trim_first_layer if kv is not None else None,
+            "cross_kv_bytes": kv["kept"] if kv else None, "cross_kv_bytes_full": kv["full"] if kv else None,
+            "cross_kv_kept_fraction": kv["kept_fraction"] if kv else None,
             "accuracy": accuracy, "questions": len(records), "accuracy_by_type": accuracy_by_type(records),
             "seconds": round(elapsed, 3),
             "build_seconds": None if built is None else round(built, 3),
@@ -199,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli_errors("eval_vqa.py"):
         check_flags(args)
-        configs = make_grid(args)  # bad flags fail before anything is loaded
+        make_grid(args)  # bad flags fail before anything is looked at
         model = resolve_model(args.model)
         source = "easy-vqa" if args.dataset == "easy-vqa" else VqaV2Files(args.questions, args.annotations, args.images)
         dataset = load_dataset(source, args.split, args.limit, args.seed)
         pipelines = Pipelines(args, model)
+        configs = make_grid(args, pipelines.adapter_cls)  # the family's methods
         pipelines.validate(configs)
         out = args.out or EVAL_RESULTS / f"{dataset.name}-{args.backend}"
         try:

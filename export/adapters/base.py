@@ -141,6 +141,7 @@ class ModelAdapter(ABC):
     architectures: ClassVar[tuple[str, ...]]  # HF ``architectures`` entries this adapter accepts
     methods: ClassVar[tuple[str, ...]]
     default_method: ClassVar[str]
+    unpruned_method: ClassVar[str]  # the cheapest graph that keeps every token in order (ratio 0 of an evaluation)
     default_prompt_template: ClassVar[str]
     tokenizer_files: ClassVar[tuple[str, ...]] = ("tokenizer.json",)  # any one of them will do
     tokenizer_note: ClassVar[str] = ""  # why, when the family needs a particular one

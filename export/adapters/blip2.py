@@ -101,6 +101,7 @@ class Blip2OptAdapter(ModelAdapter):
     architectures = ("Blip2ForConditionalGeneration",)
     methods = tuple(pruning.METHODS)
     default_method = "catp"
+    unpruned_method = "first-k"
     default_prompt_template = "Question: {} Answer:"
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
 

@@ -36,6 +36,7 @@ class MllamaAdapter(ModelAdapter):
     architectures = ("MllamaForConditionalGeneration",)
     methods = pruning.TRIM_METHODS
     default_method = "trim-sum"
+    unpruned_method = "uniform"  # a graph constant: at k = N every token, in order
     default_prompt_template = DEFAULT_PROMPT
     tokenizer_note = " (the runtime needs the fast tokenizer)"
 
