@@ -71,6 +71,7 @@ def progress(started: float) -> Callable[[str], None]:
 
 @dataclass
 class TrainingRun:
+    planned_steps: int = 0  # the schedule's length; fewer are run when --max-minutes stops the run first
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     minutes: float = 0.0
@@ -94,7 +95,7 @@ def train(model, loss_of: Callable[[np.ndarray], "object"], answers, total_steps
     )
     phases = curriculum(answers)
     model.train()
-    run = TrainingRun()
+    run = TrainingRun(planned_steps=total_steps)
     deadline = started + max_minutes * 60
     while run.steps < total_steps and time.perf_counter() < deadline:
         batch = rng.choice(len(answers), size=batch_size, p=phase_sampling(phases, run.steps, total_steps))
@@ -117,7 +118,8 @@ def training_record(command: str, args, run: TrainingRun, test_questions: int, a
     import torch
 
     return {
-        "command": command, "data": DATA_NOTE, "seed": args.seed, "steps": run.steps, "batch_size": args.batch_size,
+        "command": command, "data": DATA_NOTE, "seed": args.seed, "steps": run.steps,
+        "planned_steps": run.planned_steps, "max_minutes": args.max_minutes, "batch_size": args.batch_size,
         "lr": args.lr, "threads": args.threads, "train_minutes": round(run.minutes, 2), "final_loss": run.final_loss,
         "test_questions": int(test_questions), "test_accuracy_torch_greedy": round(accuracy, 4), **extra,
         "torch": torch.__version__,

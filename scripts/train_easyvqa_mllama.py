@@ -211,6 +211,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def stopped_note(training: dict) -> str:
+    if training["steps"] >= training["planned_steps"]:
+        return ""
+    return (f" The run was stopped by `--max-minutes {training['max_minutes']:g}` at step {training['steps']} of "
+            f"{training['planned_steps']} (the schedule's learning rate had decayed to "
+            f"{50 * (1 + math.cos(math.pi * training['steps'] / training['planned_steps'])):.0f}% of its peak); on a "
+            "faster or quieter machine the same command runs more steps, so its weights differ from these.")
+
+
 def write_card(folder: Path, training: dict) -> None:
     (folder / "README.md").write_text(f"""# mllama-easyvqa — the Mllama (LLaMA-3.2-Vision-style) default of vtprune
 
@@ -227,8 +236,9 @@ non-zero cross-attention and tile-embedding gates (`export.tiny.fix_mllama_init`
   Answer:` then ` {{a}}<|eot_id|>` (loss on the answer and EOS); word-level tokenizer with Llama-3's special tokens,
   built from the training split. Curriculum over answer kinds as for the BLIP-2 default
   (`export/easyvqa_training.py`).
-- Seed {training['seed']}, {training['steps']} steps of batch {training['batch_size']}, AdamW lr {training['lr']} (warm-up + cosine),
-  {training['threads']} CPU threads, {training['train_minutes']} minutes; final training loss {training['final_loss']}.
+- Seed {training['seed']}, {training['steps']} steps of batch {training['batch_size']}, AdamW lr {training['lr']} (warm-up + cosine
+  over {training['planned_steps']} steps), {training['threads']} CPU threads, {training['train_minutes']} minutes; final training loss
+  {training['final_loss']}.{stopped_note(training)}
 - Accuracy (greedy, exact match, PyTorch, unpruned) on {training['test_questions']} easy-VQA test questions:
   **{100 * training['test_accuracy_torch_greedy']:.2f}%**. Accuracy through the ONNX Runtime pipeline against the
   trimming ratio: the project README (`scripts/results/`).
