@@ -152,7 +152,8 @@ def eos_override(pipeline, reference, eos):
         yield
         return
     model = reference.adapter.model
-    configs = [m.generation_config for m in (model, getattr(model, "language_model", None)) if hasattr(m, "generation_config")]
+    configs = [m.generation_config for m in (model, getattr(model, "language_model", None))
+               if hasattr(m, "generation_config")]
     saved = pipeline.text.eos_token_ids, [c.eos_token_id for c in configs]
     pipeline.text.eos_token_ids = list(eos)
     for config in configs:
@@ -243,10 +244,11 @@ def default_model(tmp_path_factory):
     from runtime.preprocess import load_image
 
     root = tmp_path_factory.mktemp("beam-default")
-    engines = build(BuildOptions(model=REPO / "models" / "blip2-easyvqa", out=root / "r0", pruning=PruningConfig(ratio=0.0)),
-                    root, quiet=True)
+    options = BuildOptions(model=REPO / "models" / "blip2-easyvqa", out=root / "r0", pruning=PruningConfig(ratio=0.0))
+    engines = build(options, root, quiet=True)
     samples = [json.loads(line) for line in (REPO / "samples" / "questions.jsonl").read_text().splitlines()]
-    return Family(engines, [load_image(REPO / "samples" / s["image"]) for s in samples], [s["question"] for s in samples])
+    images = [load_image(REPO / "samples" / s["image"]) for s in samples]
+    return Family(engines, images, [s["question"] for s in samples])
 
 
 @pytest.mark.parametrize("num_beams, eos", [(5, None), (3, (13, 48))])

@@ -87,7 +87,8 @@ class KVCache:
         for beam search); fresh buffers, so call it before any are bound."""
         repeated = object.__new__(KVCache)
         repeated.capacity, repeated.length = self.capacity, self.length
-        repeated.tensors = {name: np.repeat(buffer, times, axis=0) for name, buffer in self.tensors.items()}  # (B·N, KV, C, Dh)
+        repeated.tensors = {name: np.repeat(buffer, times, axis=0)  # (B·N, KV, C, Dh)
+                            for name, buffer in self.tensors.items()}
         repeated.mask = np.repeat(self.mask, times, axis=0)  # (B·N, C)
         return repeated
 
@@ -288,7 +289,7 @@ def beam_search(
     done_filled = np.zeros((batch, num_beams), dtype=bool)  # (B, N)
     open_ = np.ones(batch, dtype=bool)  # (B,) a question's finished set may still change
     first = np.repeat(next_position.astype(np.int64), num_beams)  # (B·N,)
-    last = np.repeat(next_position.astype(np.int64) + limits - 1, num_beams)  # (B·N,) a done question's rows stay in range
+    last = np.repeat(next_position.astype(np.int64) + limits - 1, num_beams)  # (B·N,) done rows stay in range
     row_offset = np.arange(batch)[:, None] * num_beams  # (B, 1)
     for index in range(max_new_tokens):
         length = index + 1  # tokens generated, this one included
