@@ -237,8 +237,11 @@ def cross_kv_bytes(manifest) -> dict | None:
     return {"full": full, "kept": kept, "kept_fraction": round(kept / full, 6)}
 
 
-def answer_and_score(pipeline, dataset, images: ImageCache, batch_size: int, max_new_tokens: int, label: str):
-    """Answer every question in batches (progress bar on stderr); return (accuracy, per-question records)."""
+def answer_and_score(pipeline, dataset, images: ImageCache, batch_size: int, max_new_tokens: int, label: str,
+                     num_beams: int = 1):
+    """Answer every question in batches (progress bar on stderr), greedy or by beam search with ``num_beams`` (the
+    pipeline then splits a batch into requests of ``batch_size // num_beams``); return (accuracy, per-question
+    records)."""
     from tqdm import tqdm
 
     records, total = [], 0.0
@@ -246,7 +249,8 @@ def answer_and_score(pipeline, dataset, images: ImageCache, batch_size: int, max
     with tqdm(total=len(samples), desc=label, unit="q", file=sys.stderr, leave=False, disable=None) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            answers = pipeline.answer([images[s.image] for s in batch], [s.question for s in batch], max_new_tokens)
+            answers = pipeline.answer([images[s.image] for s in batch], [s.question for s in batch], max_new_tokens,
+                                      num_beams=num_beams)
             for sample, answer in zip(batch, answers):
                 score = dataset.score(answer.answer, sample)
                 total += score

@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="ort-cpu", help="ort-cpu (default; engines built and cached) | torch (PyTorch reference) | ort-cuda")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=5)
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search with N beams, as HF generate(num_beams=N) (default 1: greedy); the graphs and "
+                             "the engines cache are the same, each question takes N rows of --batch-size")
     parser.add_argument("--prompt-template", default=None, help="prompt with {} for the question (default: the model family's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of this many questions")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of the 'random' method (default 0)")
@@ -163,6 +166,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 1 <= args.num_beams <= args.batch_size:
+        raise UsageError(f"--num-beams must be between 1 and --batch-size ({args.batch_size}), got {args.num_beams}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.dataset not in ("easy-vqa", "vqav2"):
@@ -178,7 +183,7 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
         "dataset": dataset.name, "split": dataset.split, "metric": dataset.metric, "questions": len(dataset),
         "limit": args.limit, "seed": args.seed, "subset": args.limit is not None,
         "model": str(model.resolve()), "weights_sha256": pipelines.weights, "backend": args.backend,
-        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "prompt_template": None,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "prompt_template": None,
         "image_importance": args.image_importance,
         "command": " ".join(["python", "scripts/eval_vqa.py", *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -189,7 +194,8 @@ def run(args, argv, model: Path, dataset, configs: list[Config], pipelines: Pipe
         pipeline = pipelines(config)
         meta["prompt_template"] = pipeline.prompt_template
         started = time.perf_counter()
-        accuracy, records = answer_and_score(pipeline, dataset, images, args.batch_size, args.max_new_tokens, config.name)
+        accuracy, records = answer_and_score(pipeline, dataset, images, args.batch_size, args.max_new_tokens, config.name,
+                                             args.num_beams)
         elapsed = time.perf_counter() - started
         pruning = pipeline.manifest.pruning
         k, num = int(pruning.k), int(pruning.num_visual_tokens)

@@ -31,7 +31,8 @@ from runtime.errors import CheckpointError, ManifestError, UsageError
 
 @dataclass(frozen=True)
 class HfGeneration:
-    """HF's own greedy tokens for the anchor (``tokens``, EOS not yet stripped, and how they were made: ``mode``),
+    """HF's own tokens (greedy or beam search) for the anchor (``tokens``, EOS not yet stripped, and how they were
+    made: ``mode``),
     or ``tokens`` None with ``why`` HF has no form of the configuration."""
 
     mode: str = ""
@@ -49,6 +50,19 @@ def register(cls: type["TorchReference"]) -> type["TorchReference"]:
 
 
 GREEDY = dict(do_sample=False, num_beams=1, min_new_tokens=0)  # HF generate as the runtime decodes
+
+
+def generate_kwargs(max_new_tokens: int, num_beams: int = 1) -> dict[str, Any]:
+    """HF ``generate``'s arguments for the runtime's decoding: greedy, or beam search with HF's defaults pinned
+    (length_penalty 1, early_stopping False, one sequence), whatever the checkpoint's generation config says."""
+    if num_beams == 1:
+        return dict(GREEDY, max_new_tokens=max_new_tokens)
+    return dict(GREEDY, num_beams=num_beams, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+                max_new_tokens=max_new_tokens)
+
+
+def beams_suffix(num_beams: int) -> str:
+    return "" if num_beams == 1 else f" (num_beams={num_beams})"
 
 
 class TorchReference:
@@ -107,13 +121,15 @@ class Blip2Reference(TorchReference):
         """HF's tokenizer's ids for each prompt."""
         return [list(self.adapter.processor.tokenizer(prompt).input_ids) for prompt in prompts]
 
-    def hf_generate(self, images, prompts: list[str], query_embeds: np.ndarray, max_new_tokens: int) -> HfGeneration:
-        """HF's greedy tokens where HF can express the configuration: ratio 0 (``Blip2ForConditionalGeneration``
-        itself), ``compact`` positions (the language model fed the reference's pruned query embeddings (B, k, D)
-        followed by the text embeddings); ``original`` positions with pruning have no HF form."""
+    def hf_generate(self, images, prompts: list[str], query_embeds: np.ndarray, max_new_tokens: int,
+                    num_beams: int = 1) -> HfGeneration:
+        """HF's tokens (greedy, or ``num_beams`` beam search) where HF can express the configuration: ratio 0
+        (``Blip2ForConditionalGeneration`` itself), ``compact`` positions (the language model fed the reference's
+        pruned query embeddings (B, k, D) followed by the text embeddings); ``original`` positions with pruning have
+        no HF form."""
         ratio, positions = self.pruning.ratio, self.pruning.positions
         model, processor = self.adapter.model, self.adapter.processor
-        kwargs = dict(GREEDY, max_new_tokens=max_new_tokens)
+        kwargs = generate_kwargs(max_new_tokens, num_beams)
         tokens = []
         with torch.no_grad():
             if ratio == 0:
@@ -134,7 +150,7 @@ class Blip2Reference(TorchReference):
                     tokens.append(output[0].tolist())
             else:
                 return HfGeneration(why="HF has no form of original positions with pruned queries; covered by the reference")
-        return HfGeneration(mode=mode, tokens=tokens)
+        return HfGeneration(mode=mode + beams_suffix(num_beams), tokens=tokens)
 
 
 @register
@@ -171,7 +187,7 @@ class MllamaReference(TorchReference):
         return [dict(processor(images=[[image]], text=[text], return_tensors="np", **kwargs))
                 for image, text in zip(images, prompt_texts)]
 
-    def hf_generate(self, encoded: list[dict[str, np.ndarray]], max_new_tokens: int) -> HfGeneration:
+    def hf_generate(self, encoded: list[dict[str, np.ndarray]], max_new_tokens: int, num_beams: int = 1) -> HfGeneration:
         """Ratio 0 (every token kept, the first layer untrimmed): ``MllamaForConditionalGeneration.generate`` on the
         processor's inputs; with trimming HF has no equivalent."""
         if self.pruning.ratio != 0:
@@ -181,9 +197,9 @@ class MllamaReference(TorchReference):
         with torch.no_grad():
             for enc in encoded:
                 inputs = {name: torch.from_numpy(np.asarray(value)) for name, value in enc.items()}
-                output = self.adapter.model.generate(**inputs, **GREEDY, max_new_tokens=max_new_tokens)
+                output = self.adapter.model.generate(**inputs, **generate_kwargs(max_new_tokens, num_beams))
                 tokens.append(output[0, inputs["input_ids"].shape[1]:].tolist())
-        return HfGeneration(mode="MllamaForConditionalGeneration.generate", tokens=tokens)
+        return HfGeneration(mode="MllamaForConditionalGeneration.generate" + beams_suffix(num_beams), tokens=tokens)
 
 
 REFERENCE_DTYPES = ("auto", "fp32", "fp16")

@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=10,
                         help="most tokens per answer (default 10); generation also stops at the model's position limit")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the manifest's max batch)")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search with N hypotheses per question, as HF generate(num_beams=N) (length_penalty 1, "
+                             "early_stopping False); default 1: greedy. N rows per question through the decode graph, so "
+                             "at most max batch // N questions per batch")
     parser.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
                         help="decode steps over buffers bound once (ONNX Runtime IO binding); auto: on for the CPU "
                              "provider, where it was measured faster (README, KV cache)")
@@ -128,6 +132,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be at least 1, got {args.num_beams}")
     if args.max_image_pixels < 1:
         raise UsageError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
     if args.threads < 0:
@@ -153,20 +159,23 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.backends import load_runners, resolve_backend
         from runtime.manifest import Manifest
         from runtime.pipelines import make_pipeline
+        from runtime.pipelines.base import check_num_beams
         from runtime.preprocess import peek_image
 
         check_flags(args)
         backend = resolve_backend(args.backend)
         samples = read_samples(args)
         manifest = Manifest.load(args.engines)
-        if args.batch_size is not None:
-            manifest.max_batch = min(manifest.max_batch, args.batch_size)
+        check_num_beams(args.num_beams, manifest.max_batch)
+        if args.batch_size is not None:  # questions per batch: N rows each through the decode graph
+            manifest.max_batch = min(manifest.max_batch, args.batch_size * args.num_beams)
         for path, _ in samples:  # every image readable and within the pixel limit, before anything runs
             peek_image(path, args.max_image_pixels)
         pipeline = make_pipeline(manifest, load_runners(manifest, backend, ort_settings(args, backend)), args.prompt_template)
         pipeline.max_image_pixels = args.max_image_pixels
         pipeline.io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
-        answers = pipeline.answer([path for path, _ in samples], [q for _, q in samples], max_new_tokens=args.max_new_tokens)
+        answers = pipeline.answer([path for path, _ in samples], [q for _, q in samples], max_new_tokens=args.max_new_tokens,
+                                  num_beams=args.num_beams)
         for (image, question), answer in zip(samples, answers):
             if args.json:
                 record = {

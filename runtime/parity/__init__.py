@@ -9,7 +9,8 @@
 (``python runtime/parity ...`` runs the same CLI.) Stages: ``preprocess`` and ``tokenize`` (the runtime vs HF's
 processor), the graphs (scores, kept-index sets with near-tie analysis, embeddings, logits and caches — each graph fed
 the reference's own inputs), ``generation`` (the whole ONNX pipeline's greedy tokens vs the reference pipeline's) and
-``hf_anchor`` (the reference's tokens vs HF ``generate`` where HF can express the configuration).
+``hf_anchor`` (the reference's tokens vs HF ``generate`` where HF can express the configuration). With ``--num-beams
+N`` both decode by beam search, and the anchor is HF ``generate(num_beams=N)``.
 
 The reference is the HF model with the same pruning module (``export/``). Float tensors are judged against the
 reference's own rounding noise: the reference runs each graph a second time in float64 on the same inputs, and a

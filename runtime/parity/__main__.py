@@ -19,7 +19,7 @@ from runtime.parity.stages import CALIBRATIONS  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 8
 NOT_IN_REPLAY = {"image": "--image", "question": "--question", "model": "--model", "max_new_tokens": "--max-new-tokens",
-                 "save_reference": "--save-reference", "reference_dtype": "--reference-dtype"}
+                 "save_reference": "--save-reference", "reference_dtype": "--reference-dtype", "num_beams": "--num-beams"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--question", action="append", default=[])
     parser.add_argument("--backend", default="ort-cpu")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="decode by beam search with N beams (default 1: greedy): the generation stage compares the "
+                             "ONNX and reference pipelines' beam-search tokens, the HF anchor HF generate(num_beams=N)'s")
     parser.add_argument("--out", type=Path, default=None, help="report path (default ENGINES/parity.json)")
     parser.add_argument("--calibration", default="auto", choices=CALIBRATIONS,
                         help="float tensors: float64 = against a float64 run of the reference, bounded by the fp32 "
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
         report = runtime.parity.run_parity(args.engines, images, args.question or None, args.backend, max_new_tokens,
                                            args.model, args.out, args.quiet, args.calibration, args.save_reference,
-                                           args.reference_dtype or "auto")
+                                           args.reference_dtype or "auto",
+                                           1 if args.num_beams is None else args.num_beams)
         return 0 if report["passed"] else 1
 
 

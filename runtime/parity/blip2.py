@@ -45,7 +45,8 @@ def stages(context: ParityContext) -> dict[str, Any]:
     ref64 = context.float64_outputs({"visual": ("visual", ref_visual_feeds),
                                      **{graph: (graph, feeds) for graph, (feeds, _) in graph_calls.items()}})
     say("anchor: HF generate")
-    generation = reference_model.hf_generate(images, prompts, ref_visual["query_embeds"], max_new_tokens)
+    generation = reference_model.hf_generate(images, prompts, ref_visual["query_embeds"], max_new_tokens,
+                                             context.num_beams)
     del reference, reference_runners
     context.release_reference()
 

@@ -56,7 +56,7 @@ def stages(context: ParityContext) -> dict[str, Any]:
         **{"decode": ("decode", feeds) for feeds, _ in decode_calls},
     })
     say("anchor: HF generate")
-    generation = reference_model.hf_generate(encoded, max_new_tokens)
+    generation = reference_model.hf_generate(encoded, max_new_tokens, context.num_beams)
     del reference, reference_runners
     context.release_reference()
 

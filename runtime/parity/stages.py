@@ -155,6 +155,7 @@ class ParityContext:
     max_new_tokens: int
     say: Callable[[str], None]
     save_reference: Path | None = None
+    num_beams: int = 1  # > 1: both pipelines and HF generate decode by beam search
     reference_calls: list[GraphCall] = field(default_factory=list)
     saved_reference: dict[str, str] | None = None
 
@@ -172,10 +173,14 @@ class ParityContext:
 
     def reference_answers(self, reference, pixel_values):
         """The reference pipeline end to end on preprocessed inputs: (answers, the top-2 logit margin per row and
-        step)."""
+        step; beam search: the closest candidate-score gap of each question's whole search)."""
         self.say("generation: PyTorch reference")
         margins: list[list[float]] = []
-        answers = answer_with_margins(reference, pixel_values, self.questions, self.max_new_tokens, margins)
+        if self.num_beams > 1:
+            answers = beam_answers_with_margins(reference, pixel_values, self.questions, self.max_new_tokens,
+                                                self.num_beams, margins)
+        else:
+            answers = answer_with_margins(reference, pixel_values, self.questions, self.max_new_tokens, margins)
         return answers, margins
 
     def release_reference(self) -> None:
@@ -198,7 +203,8 @@ class ParityContext:
 
     def onnx_answers(self, onnx, pixel_values):
         self.say(f"generation: ONNX ({self.backend})")
-        return onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values)
+        return onnx.answer([], self.questions, max_new_tokens=self.max_new_tokens, pixel_values=pixel_values,
+                           num_beams=self.num_beams)
 
     def float64_outputs(self, requests: dict[Any, tuple[str, dict[str, np.ndarray]]]) -> dict[Any, dict | None]:
         """The float64 reference's outputs for each ``key: (graph, fp32 reference feeds)`` — the model converted to
@@ -242,6 +248,29 @@ def answer_with_margins(pipeline, pixel_values, questions, max_new_tokens, margi
             margins_out += [[float(step[row]) for step in steps] for row in range(len(chunk))]
     finally:
         pipeline.runners.update(originals)
+    return answers
+
+
+def beam_answers_with_margins(pipeline, pixel_values, questions, max_new_tokens, num_beams, margins_out):
+    """Beam search on the reference pipeline, request by request; each question's margin is the smallest gap between
+    adjacent top candidate scores over its whole search (the final tokens can change at any earlier position), given
+    for every step (``compare_tokens`` reads it at the first differing one)."""
+    from runtime.pipelines import slice_pixels
+
+    gaps: list[np.ndarray] = []
+    pipeline.on_beam_margins = lambda step, gap: gaps.append(gap)  # (B,) per step
+    answers = []
+    try:
+        batch = max(1, pipeline.manifest.max_batch // num_beams)
+        for start in range(0, len(questions), batch):
+            gaps.clear()
+            chunk = questions[start : start + batch]
+            answers += pipeline.answer([], chunk, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                       pixel_values=slice_pixels(pixel_values, start, start + batch))
+            smallest = np.min(gaps, axis=0) if gaps else np.full(len(chunk), np.inf)  # (B,)
+            margins_out += [[float(smallest[row])] * max_new_tokens for row in range(len(chunk))]
+    finally:
+        pipeline.on_beam_margins = None
     return answers
 
 
@@ -354,6 +383,7 @@ def run_parity(
     calibration: str = "auto",
     save_reference: str | Path | None = None,
     reference_dtype: str = "auto",
+    num_beams: int = 1,
 ) -> dict[str, Any]:
     """Compare the engines in ``engines`` with the PyTorch reference; write ``parity.json``; return the report.
 
@@ -361,11 +391,15 @@ def run_parity(
     reference's own noise), ``relative`` (a tensor-scale-relative tolerance), ``auto`` (float64 where a float64
     copy of the model fits in memory). ``reference_dtype``: ``fp32``, ``fp16`` (as the exporter builds it), ``auto``
     (fp32 where an fp32 copy of the checkpoint fits in memory, else the engines' precision). ``save_reference``: also
-    write the reference's graph calls (inputs, fp32 and, when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``)."""
+    write the reference's graph calls (inputs, fp32 and, when calibrated so, float64 outputs) in Polygraphy's formats (``runtime/parity/run_results.py``).
+    ``num_beams`` > 1: the generation and HF-anchor stages decode by beam search (HF ``generate(num_beams=N)``)."""
     from runtime.parity import run_results
 
     say = stderr_say(quiet)
     manifest, checked, tol = open_engines(engines, calibration, backend)
+    from runtime.pipelines.base import check_num_beams
+
+    check_num_beams(num_beams, manifest.max_batch)
     questions = list(questions or DEFAULT_QUESTIONS)
     images = images if images is not None else default_images(len(questions))
     if len(images) != len(questions):
@@ -386,12 +420,13 @@ def run_parity(
         say(f"float tensors judged with a relative tolerance: {chosen.why}")
 
     context = ParityContext(manifest, reference, backend, tol, chosen, images, questions, max_new_tokens, say,
-                            save_reference)
+                            save_reference, num_beams)
     stages: dict[str, Any] = {"integrity": checked, **stages_of(context)}
     report = {
         **report_head(engines, backend, manifest, tol, chosen),
         "reference_dtype": {"dtype": dtype, "why": dtype_why},
         "samples": len(questions),
+        "num_beams": num_beams,
         "pruning": manifest.pruning.to_dict(),
         "stages": stages,
         "passed": all(stage["passed"] for stage in stages.values()),

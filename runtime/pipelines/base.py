@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -13,7 +13,7 @@ from PIL import Image
 from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.pipelines.decoding import DecodeStep, KVCache, TokenCallback, greedy_decode
+from runtime.pipelines.decoding import DecodeStep, KVCache, TokenCallback, beam_search, greedy_decode
 from runtime.preprocess import load_image
 from runtime.text import TextCodec, check_text
 
@@ -51,6 +51,15 @@ def finish_reasons(generated: list[list[int]], row_limits: np.ndarray, max_new_t
     return reasons
 
 
+def check_num_beams(num_beams: int, max_batch: int) -> None:
+    """Beam search runs N rows per question through graphs built for at most ``max_batch`` rows."""
+    if num_beams < 1:
+        raise UsageError(f"--num-beams must be at least 1, got {num_beams}")
+    if num_beams > max_batch:
+        raise UsageError(f"--num-beams {num_beams} is more than the max batch {max_batch} (every beam is a row of the "
+                         f"decode graph): use at most {max_batch}, or engines built with a larger --max-batch")
+
+
 class BatchedPipeline:
     """What every family's pipeline shares: ``answer()`` checks its arguments — the context limit included, for
     every question before anything runs — and splits the work into batches of at most the manifest's
@@ -63,6 +72,7 @@ class BatchedPipeline:
     # them; None: ORT's CPU provider (measured faster: README "KV cache") and TensorRT, plain runs elsewhere
     io_binding: bool | None = None
     on_token: TokenCallback | None = None  # called after every generated token: streaming, per-token timing
+    on_beam_margins: Callable[[int, np.ndarray], None] | None = None  # beam search: each step's closest tie (parity)
 
     def __init__(self, manifest: Manifest, runners: dict[str, Runner], prompt_template: str | None = None):
         self.manifest = manifest
@@ -98,21 +108,25 @@ class BatchedPipeline:
                 f"positions and the model has {self.position_limit}, leaving none for the answer; shorten the question")
         return text_ids
 
-    def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None) -> list[Answer]:
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 10, pixel_values=None,
+               num_beams: int = 1) -> list[Answer]:
         """Answer (image, question) pairs. ``images``: PIL images or paths (decoded per batch); ``pixel_values``:
-        already preprocessed inputs (skips preprocessing)."""
+        already preprocessed inputs (skips preprocessing). ``num_beams`` > 1: beam search (HF ``generate(num_beams=N)``),
+        N rows per question through the decode graph, so at most ``max_batch // N`` questions per request."""
         if len(questions) == 0:
             return []
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        text_ids = self.check_context(questions)
         max_batch = self.manifest.max_batch
+        check_num_beams(num_beams, max_batch)
+        text_ids = self.check_context(questions)
+        per_request = max(1, max_batch // num_beams)  # questions per request: B × N rows within the graphs' batch
         answers: list[Answer] = []
-        for start in range(0, len(questions), max_batch):
-            stop = start + max_batch
+        for start in range(0, len(questions), per_request):
+            stop = start + per_request
             batch_images = [self.open_image(image) for image in images[start:stop]] if images else []
             answers += self.answer_batch(batch_images, questions[start:stop], max_new_tokens,
-                                         slice_pixels(pixel_values, start, stop), text_ids[start:stop])
+                                         slice_pixels(pixel_values, start, stop), text_ids[start:stop], num_beams)
         return answers
 
     def open_image(self, image) -> Image.Image:
@@ -123,18 +137,27 @@ class BatchedPipeline:
         raise NotImplementedError
 
     def decode(self, prefill_out: dict[str, np.ndarray], cache: KVCache, next_position: np.ndarray,
-               max_new_tokens: int, row_limits: np.ndarray | None = None) -> list[list[int]]:
-        """Greedy decoding after the prefill. The decode graph's inputs that the prefill produced by the same name
-        (Mllama's cross-attention keys/values and masks) stay fixed for the request."""
+               max_new_tokens: int, row_limits: np.ndarray | None = None, num_beams: int = 1) -> list[list[int]]:
+        """Greedy decoding (``num_beams`` 1) or beam search after the prefill. The decode graph's inputs that the
+        prefill produced by the same name (Mllama's cross-attention keys/values and masks) stay fixed for the
+        request. Beam search repeats the first logits, the cache and those constant feeds N times per row (B → B·N)
+        and decodes through bound host buffers or plain runs (the device-resident cache cannot be reordered)."""
         runner = self.runners["decode"]
         constant = {name: prefill_out[name] for name in runner.input_names if name in prefill_out}
         bind = self.io_binding if self.io_binding is not None else (
             getattr(runner, "device", None) == "cpu" or hasattr(runner, "resident_step"))
-        step = DecodeStep(runner, cache, constant, bind=bind)
-        return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
-                             self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
+        if num_beams == 1:
+            step = DecodeStep(runner, cache, constant, bind=bind)
+            return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
+                                 self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
+        constant = {name: np.repeat(value, num_beams, axis=0) for name, value in constant.items()}  # (B·N, ...)
+        step = DecodeStep(runner, cache.repeat_rows(num_beams), constant, bind=bind, resident=False)
+        logits = np.repeat(prefill_out["logits"], num_beams, axis=0)  # (B·N, V)
+        generated, _ = beam_search(step, logits, next_position, self.text.eos_token_ids, max_new_tokens, num_beams,
+                                   step.reorder, row_limits, on_token=self.on_token, on_margins=self.on_beam_margins)
+        return generated
 
-    def answer_batch(self, images, questions, max_new_tokens, pixel_values, text_ids=None) -> list[Answer]:
+    def answer_batch(self, images, questions, max_new_tokens, pixel_values, text_ids=None, num_beams=1) -> list[Answer]:
         raise NotImplementedError
 
 

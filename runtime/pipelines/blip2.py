@@ -2,7 +2,7 @@
 
 Sequence layout for a batch, left padded:
 
-    [ k kept query embeds ][ pad … ][ BOS  Question: … Answer: ]   → prefill → greedy decode with the KV cache
+    [ k kept query embeds ][ pad … ][ BOS  Question: … Answer: ]   → prefill → greedy / beam decode, KV cache
 
 Positions (``--positions``): ``original`` — kept query ``j`` keeps its position ``kept_indices[j]`` and text
 token ``t`` sits at ``Q + t`` as in the unpruned model; ``compact`` — positions follow the attention mask
@@ -101,7 +101,8 @@ class Blip2Pipeline(BatchedPipeline):
 
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
-                     pixel_values: np.ndarray | None, text_ids: list[list[int]] | None = None) -> list[Answer]:
+                     pixel_values: np.ndarray | None, text_ids: list[list[int]] | None = None,
+                     num_beams: int = 1) -> list[Answer]:
         clock = Clock()
         if pixel_values is None:
             pixel_values = self.preprocess(images)
@@ -114,7 +115,7 @@ class Blip2Pipeline(BatchedPipeline):
         limits = self.row_limits(text_ids)  # (B,) tokens each row has room for: the cache needs no more
         prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), min(max_new_tokens, int(limits.max())))
         clock.lap("prefill")
-        generated = self.decode(prefill_out, cache, batch.next_position, max_new_tokens, limits)
+        generated = self.decode(prefill_out, cache, batch.next_position, max_new_tokens, limits, num_beams)
         clock.lap("decode")
         timings = clock.summary()
         reasons = finish_reasons(generated, limits, max_new_tokens)
@@ -124,7 +125,7 @@ class Blip2Pipeline(BatchedPipeline):
                 token_ids=ids,
                 kept_indices=[int(i) for i in visual["kept_indices"][row]],
                 timings_ms=timings,
-                extra={"self_kv_bytes": cache.nbytes // len(generated)},
+                extra={"self_kv_bytes": cache.nbytes * num_beams // len(generated)},  # N beams: N rows each
                 finish_reason=reasons[row],
             )
             for row, ids in enumerate(generated)

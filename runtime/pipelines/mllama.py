@@ -3,7 +3,7 @@
     image ─ preprocess (tiles) ─ vision ─ cross_attention_states (B, N, D)
     prompt ─ render + tokenise (as MllamaProcessor) ─ ids, cross_attention_mask (B, T, 1, tiles)
     prefill: self-attention cache + cross keys/values, the later layers' from the k kept tokens only
-    decode:  greedy, one token at a time over both caches
+    decode:  greedy or beam search, one token at a time over both caches
 
 One image per prompt, and the prompt must contain exactly one ``<|image|>`` (the default template and chat
 templates put it first). Graphs: ``vision``, ``prefill``, ``decode`` (see ``export/adapters/mllama.py``).
@@ -174,7 +174,8 @@ class MllamaPipeline(BatchedPipeline):
 
     # ------------------------------------------------------------------ end to end
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int,
-                     pixel_values: dict[str, np.ndarray] | None, text_ids: list[list[int]] | None = None) -> list[Answer]:
+                     pixel_values: dict[str, np.ndarray] | None, text_ids: list[list[int]] | None = None,
+                     num_beams: int = 1) -> list[Answer]:
         clock = Clock()
         pixels = pixel_values if pixel_values is not None else self.preprocess(images)
         ids = text_ids if text_ids is not None else self.encode_questions(questions)
@@ -186,7 +187,7 @@ class MllamaPipeline(BatchedPipeline):
         prefill_out, cache = prefill(self.runners["prefill"], feeds, min(max_new_tokens, int(limits.max())))
         clock.lap("prefill")
         next_position = feeds["position_ids"].max(axis=1) + 1
-        generated = self.decode(prefill_out, cache, next_position, max_new_tokens, limits)
+        generated = self.decode(prefill_out, cache, next_position, max_new_tokens, limits, num_beams)
         clock.lap("decode")
         timings = clock.summary()
         kv_bytes = self.cross_kv_bytes(prefill_out)
@@ -194,7 +195,7 @@ class MllamaPipeline(BatchedPipeline):
         return [
             Answer(answer=self.text.decode(row_ids), token_ids=row_ids,
                    kept_indices=[int(i) for i in prefill_out["kept_indices"][row]], timings_ms=timings,
-                   extra={"cross_kv_bytes": kv_bytes, "self_kv_bytes": cache.nbytes // len(generated)},
+                   extra={"cross_kv_bytes": kv_bytes, "self_kv_bytes": cache.nbytes * num_beams // len(generated)},
                    finish_reason=reasons[row])
             for row, row_ids in enumerate(generated)
         ]
