@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.defaults import DEFAULT_MODEL_NOTE, ENGINES, resolve_model
+from export.defaults import DEFAULT_LAYER_WEIGHTS, DEFAULT_MODEL_NOTE, ENGINES, resolve_model
 from runtime.errors import cli_errors
 
 
@@ -20,7 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of visual tokens REMOVED, in [0, 1) (default 0.5)")
     parser.add_argument("--method", default=None, help="BLIP-2: catp | l2 | self-attn | random | first-k (default catp); "
                         "LLaMA-3.2-Vision: trim-sum | trim-union | l2 | random | uniform (default trim-sum)")
-    parser.add_argument("--layer-weights", default="uniform", help="uniform | first | last | first+last | w0,w1,... (one per cross-attention layer)")
+    parser.add_argument("--layer-weights", default=DEFAULT_LAYER_WEIGHTS,
+                        help=f"CATP: uniform | first | last | first+last | w0,w1,... (one per cross-attention layer; default "
+                             f"{DEFAULT_LAYER_WEIGHTS}, what the paper's per-layer study found best — README)")
     parser.add_argument("--image-importance", action=argparse.BooleanOptionalAction, default=False,
                         help="weight CATP votes by the attention each image token receives in the last vision layer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' method (fixed in the graph)")

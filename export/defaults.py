@@ -19,6 +19,11 @@ DEFAULT_MODEL_NOTE = ("models/blip2-easyvqa, a small BLIP-2 trained on easy-VQA 
 MLLAMA_MODEL = REPO / "models" / "mllama-easyvqa"
 # the shipped models by name: ``--model blip2`` / ``--model mllama`` (a folder of that name, if any, wins)
 MODEL_ALIASES = {"blip2": (DEFAULT_MODEL, "scripts/train_easyvqa.py"), "mllama": (MLLAMA_MODEL, "scripts/train_easyvqa_mllama.py")}
+# CATP's layer weights when none are asked for: the first Q-Former cross-attention layer alone. The paper's own
+# per-layer study (papers.md: BLIP-2 OPT-2.7B, VQAv2) has layer 1 best at every keep ratio (44.17 / 35.44 / 30.17
+# at keep 1/2, 1/4, 1/8 against 22–43 / 11–35 / 10–24 for the others), and first-only beat every geometric
+# weighting they tried (31.37 at keep 1/8); their code's last variant used the first layer only.
+DEFAULT_LAYER_WEIGHTS = "first"
 EVAL_ENGINES_CACHE = ENGINES / "_eval"  # engines built by the evaluation, one folder per configuration
 EVAL_RESULTS = REPO / "scripts" / "results"  # the evaluation's default --out is a folder under here
 

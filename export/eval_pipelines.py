@@ -20,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.defaults import DEFAULT_LAYER_WEIGHTS
+
 IMAGE_CACHE_BYTES = 1 << 30  # decoded images kept across configurations (all of easy-VQA fits in a few MB)
 
 
@@ -29,7 +31,7 @@ class Config:
 
     method: str
     ratio: float
-    layer_weights: str = "uniform"
+    layer_weights: str = DEFAULT_LAYER_WEIGHTS
     positions: str = "original"
     image_importance: bool = False
     seed: int = 0
@@ -45,7 +47,7 @@ class Config:
         if self.unpruned:
             return "unpruned"
         label = self.method
-        if self.method == "catp" and self.layer_weights != "uniform":
+        if self.method == "catp" and self.layer_weights != DEFAULT_LAYER_WEIGHTS:
             label += f" ({self.layer_weights})"
         if self.image_importance:
             label += " +ii"
@@ -63,7 +65,7 @@ class Config:
         if self.unpruned:
             return "unpruned"
         name = self.method
-        if self.method == "catp" and self.layer_weights != "uniform":
+        if self.method == "catp" and self.layer_weights != DEFAULT_LAYER_WEIGHTS:
             name += "-w" + self.layer_weights.replace(",", "_").replace(" ", "")
         if self.image_importance:
             name += "-ii"

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.defaults import DEFAULT_MODEL_NOTE, EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
+from export.defaults import DEFAULT_LAYER_WEIGHTS, DEFAULT_MODEL_NOTE, EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
 from export.eval_pipelines import Config, ImageCache, Pipelines, answer_and_score, cross_kv_bytes
 from export.eval_report import accuracy_by_type, write_outputs
 from export.vqa_data import VqaV2Files, load_dataset
@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None,
                         help="comma list (default: every method of the model's family — BLIP-2: catp,l2,self-attn,random,"
                              "first-k; Mllama: trim-sum,trim-union,l2,random,uniform)")
-    parser.add_argument("--layer-weights", default="uniform",
+    parser.add_argument("--layer-weights", default=DEFAULT_LAYER_WEIGHTS,
                         help="CATP layer weights: presets uniform, first, last, first+last, comma- or ';'-separated; custom "
-                             "lists w0,w1,... are ';'-separated, e.g. 'uniform;0.5,1' (default uniform; other methods ignore it)")
+                             f"lists w0,w1,... are ';'-separated, e.g. 'uniform;0.5,1' (default {DEFAULT_LAYER_WEIGHTS}; other methods ignore it)")
     parser.add_argument("--positions", default="original", help="comma list: original, compact (default original)")
     parser.add_argument("--trim-first-layer", default="off",
                         help="Mllama only: comma list of off, on — also trim the first cross-attention layer's own "
@@ -149,7 +149,7 @@ def make_grid(args: argparse.Namespace, adapter_cls=None) -> list[Config]:
     for ratio in sorted({r for r in ratios if r > 0}):
         for method in methods:
             catp = method == "catp"
-            for weight in weights if catp else ["uniform"]:
+            for weight in weights if catp else [DEFAULT_LAYER_WEIGHTS]:
                 for policy in policies:
                     for trim in trims:
                         configs.append(Config(method, ratio, weight, policy, args.image_importance and catp, args.seed, trim))

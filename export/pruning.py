@@ -25,6 +25,7 @@ import torch
 
 from export.selection import gather_tokens, rank_bounds, select_top_k, stable_ranks, top_ranks
 from runtime.contract import ResolvedPruning, keep_count
+from export.defaults import DEFAULT_LAYER_WEIGHTS
 from runtime.errors import UsageError
 
 __all__ = [
@@ -87,7 +88,7 @@ class PruningConfig:
 
     method: str = "catp"
     ratio: float = 0.5
-    layer_weights: str = "uniform"
+    layer_weights: str = DEFAULT_LAYER_WEIGHTS
     image_importance: bool = False
     seed: int = 0
     trim_first_layer: bool = False  # Trimmed Llama: also trim the first cross-attention layer's own keys/values

@@ -56,5 +56,5 @@ def engines_factory(tiny_blip2, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(engines_factory) -> Path:
-    """The default configuration: CATP, ratio 0.5, uniform weights, original positions, fp32."""
+    """The default configuration: CATP, ratio 0.5, first-layer weights, original positions, fp32."""
     return engines_factory(ratio=0.5)

@@ -51,7 +51,7 @@ def test_graphs_and_manifest(engines):
     assert manifest.graphs["decode"].input("past.0.key").shape == ["batch", 4, "past_len", 8]
     for field in ("method", "ratio", "k", "num_visual_tokens", "layer_weights", "image_importance", "positions"):
         assert field in manifest.pruning.to_dict()
-    assert manifest.pruning.layer_weights == [1.0, 1.0]
+    assert manifest.pruning.layer_weights == [1.0, 0.0]  # the default preset: first
     assert manifest.text["prompt_template"] == "Question: {} Answer:"
     assert manifest.text["eos_token_ids"] and "pad_token_id" in manifest.text
     assert manifest.model["config_sha256"] and manifest.opset == 17 and manifest.precision == "fp32"

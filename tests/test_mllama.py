@@ -279,7 +279,7 @@ def test_prompt_text_rules():
 
 def test_mllama_cli_errors(tiny_mllama, sample_files, tmp_path):
     for args, message in ((["--method", "catp"], "choose one of trim-sum"), (["--positions", "compact"], "BLIP-2 only"),
-                          (["--layer-weights", "first"], "CATP")):
+                          (["--layer-weights", "last"], "CATP")):
         out = tmp_path / "bad"
         result = run_cli("export/build.py", "--model", str(tiny_mllama), "--ratio", "0.5", *args, "--out", str(out))
         assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -254,7 +254,8 @@ def test_easy_vqa_eval_through_cli(easy_runs, tiny_model):
         assert [(r["method"], r["ratio"], r["k"], r["num_visual_tokens"], r["kept_fraction"]) for r in rows] == [
             ("unpruned", 0.0, 8, 8, 1.0), ("catp", 0.5, 4, 8, 0.5), ("first-k", 0.5, 4, 8, 0.5)]
         assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] == 50 and r["seconds"] >= 0 for r in rows)
-        assert rows[1]["layer_weights"] == "uniform" and rows[1]["positions"] == "original"
+        assert rows[1]["layer_weights"] == "first" and rows[1]["positions"] == "original"
+        assert rows[1]["layer_weights_resolved"] == [1.0, 0.0]  # the default: the first cross-attention layer alone
         for row in rows:  # per answer type: counts add up, the weighted mean is the overall accuracy
             by_type = row["accuracy_by_type"]
             assert set(by_type) <= {"yes/no", "color", "shape"} and sum(t["questions"] for t in by_type.values()) == 50

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from export import pruning
+from export.defaults import DEFAULT_LAYER_WEIGHTS
 from export.adapters.base import GraphExport, ModelAdapter, pixel_settings, processor_image_size, text_model_settings, token_settings
 from export.adapters.registry import register
 from export.models import mllama
@@ -83,7 +84,7 @@ class MllamaAdapter(ModelAdapter):
     @classmethod
     def check_options(cls, config: PruningConfig, positions: str) -> None:
         super().check_options(config, positions)
-        if config.layer_weights != "uniform" or config.image_importance:
+        if config.layer_weights != DEFAULT_LAYER_WEIGHTS or config.image_importance:
             raise UsageError("--layer-weights and --image-importance are CATP (BLIP-2) options; LLaMA-3.2-Vision scores at the first cross-attention layer")
         if positions != "original":
             raise UsageError("--positions applies to BLIP-2 only: Mllama's visual tokens are cross-attention keys and have no positions")
