@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.budget_io import EvalBudget, add_eval_flags
 from export.defaults import EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
 from export.eval_pipelines import Config, ImageCache, Pipelines, answer_and_score
 from export.eval_report import accuracy_by_type, write_outputs
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of the 'random' method (default 0)")
     parser.add_argument("--engines-cache", type=Path, default=EVAL_ENGINES_CACHE, help="engines built for ort backends (default engines/_eval/)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default scripts/results/<dataset>-<backend>/)")
+    add_eval_flags(parser)  # --max-drop, --ratios-from: the accuracy budget (export/budget_io.py)
     return parser.parse_args(argv)
 
 
@@ -200,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     with cli_errors("eval_vqa.py"):
         check_flags(args)
         configs = make_grid(args)  # bad flags fail before anything is loaded
+        budget = EvalBudget.plan(args, configs, parse_args([]))  # --max-drop / --ratios-from (may replace the grid)
+        configs = budget.configs
         model = resolve_model(args.model)
         source = "easy-vqa" if args.dataset == "easy-vqa" else VqaV2Files(args.questions, args.annotations, args.images)
         dataset = load_dataset(source, args.split, args.limit, args.seed)
         pipelines = Pipelines(args, model)
+        budget.check_weights(pipelines.weights, model)
         pipelines.validate(configs)
         out = args.out or EVAL_RESULTS / f"{dataset.name}-{args.backend}"
         try:
             run(args, argv, model, dataset, configs, pipelines, out)
         finally:
             pipelines.close()
+        budget.finish(out)  # the budgeted ratio per series, after the grid
         print(out)
     return 0
 
