@@ -268,9 +268,11 @@ def test_eval_max_drop_then_ratios_from(tiny_blip2, tmp_path):
     (["--ratios", "0.5", "--max-drop", "1"], "--max-drop needs 0 among --ratios"),
     (["--ratios-from", "results.json", "--methods", "catp"], "leave out --methods"),
 ])
-def test_eval_budget_flag_errors_before_any_work(args, message, tmp_path):
-    from test_vqa_eval import eval_cli
+def test_eval_budget_flag_errors_before_any_work(args, message, tmp_path, capsys):
+    from export.evaluate import main
 
-    result = eval_cli("--model", tmp_path / "no-model", "--out", tmp_path / "out", *args)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
