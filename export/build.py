@@ -3,6 +3,7 @@
 
     python export/build.py --ratio 0.5
     python export/build.py --model path/to/blip2 --ratio 0.75 --method catp --layer-weights first --out engines/x
+    python export/build.py --ratio-from scripts/results/easy-vqa-ort-cpu/results.json --max-drop 1.0   # accuracy budget
 """
 from __future__ import annotations
 
@@ -10,14 +11,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.budget_io import MAX_DROP_HELP
 from export.defaults import DEFAULT_LAYER_WEIGHTS, DEFAULT_MODEL_NOTE, ENGINES, resolve_model
-from runtime.errors import cli_errors
+from runtime.errors import UsageError, cli_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help=f"local HF checkpoint folder (default: {DEFAULT_MODEL_NOTE})")
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of visual tokens REMOVED, in [0, 1) (default 0.5)")
+    parser.add_argument("--ratio", type=float, default=None, help="fraction of visual tokens REMOVED, in [0, 1) (default 0.5)")
+    parser.add_argument("--ratio-from", type=Path, default=None, metavar="RESULTS",
+                        help="instead of --ratio: the ratio an evaluation chose for an accuracy budget. RESULTS is an "
+                             "eval_vqa.py results.json (or its folder) of this model's weights; the series is --series, "
+                             "else --method (with the default layer weights and original positions), else the model family's "
+                             "default method; the build takes that series' method, layer weights, positions, image "
+                             "importance and seed, so it reproduces the evaluated configuration")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                        help="with --ratio-from: " + MAX_DROP_HELP + " (default: the budget RESULTS was evaluated with)")
+    parser.add_argument("--series", default=None, help="with --ratio-from: the series (column of results.md), e.g. 'catp [compact]'")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="with --ratio-from: use RESULTS even when it was evaluated on other weights than --model")
     parser.add_argument("--method", default=None, help="BLIP-2: catp | l2 | self-attn | random | first-k (default catp); "
                         "LLaMA-3.2-Vision: trim-sum | trim-union | l2 | random | uniform (default trim-sum)")
     parser.add_argument("--layer-weights", default=DEFAULT_LAYER_WEIGHTS,
@@ -61,6 +74,20 @@ def build_or_explain(options, quiet: bool) -> Path:
         raise ExportError(explain_unexpected(err, "export failed")) from None
 
 
+def resolve_ratio(args: argparse.Namespace, quiet: bool) -> None:
+    """``--ratio`` (default 0.5), or ``--ratio-from``: the configuration an evaluation chose for the budget."""
+    if args.ratio_from is None:
+        if args.max_drop is not None or args.series is not None or args.allow_other_weights:
+            raise UsageError("--max-drop, --series and --allow-other-weights go with --ratio-from")
+        args.ratio = 0.5 if args.ratio is None else args.ratio
+        return
+    if args.ratio is not None:
+        raise UsageError("--ratio and --ratio-from are mutually exclusive: give one")
+    from export.budget_io import choose_for_build
+
+    choose_for_build(args, parse_args([]), say=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli_errors("build.py"):
@@ -68,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from export.pruning import PruningConfig
         from export.tracing import TWO_GB
 
+        resolve_ratio(args, quiet=args.quiet)
         options = BuildOptions(
             model=args.model,
             out=args.out,

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.budget_io import EvalBudget, add_eval_flags
 from export.defaults import DEFAULT_LAYER_WEIGHTS, DEFAULT_MODEL_NOTE, EVAL_ENGINES_CACHE, EVAL_RESULTS, resolve_model
 from export.eval_pipelines import Config, ImageCache, Pipelines, answer_and_score, cross_kv_bytes
 from export.eval_report import accuracy_by_type, write_outputs
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of the 'random' method (default 0)")
     parser.add_argument("--engines-cache", type=Path, default=EVAL_ENGINES_CACHE, help="engines built for ort backends (default engines/_eval/)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default scripts/results/<dataset>-<backend>/)")
+    add_eval_flags(parser)  # --max-drop, --ratios-from: the accuracy budget (export/budget_io.py)
     return parser.parse_args(argv)
 
 
@@ -227,18 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli_errors("eval_vqa.py"):
         check_flags(args)
-        make_grid(args)  # bad flags fail before anything is looked at
+        EvalBudget.plan(args, make_grid(args), parse_args([]))  # bad flags fail before anything is looked at
         model = resolve_model(args.model)
         source = "easy-vqa" if args.dataset == "easy-vqa" else VqaV2Files(args.questions, args.annotations, args.images)
         dataset = load_dataset(source, args.split, args.limit, args.seed)
         pipelines = Pipelines(args, model)
-        configs = make_grid(args, pipelines.adapter_cls)  # the family's methods
+        # the family's grid; --max-drop / --ratios-from may replace it (unpruned + each series at its chosen ratio)
+        budget = EvalBudget.plan(args, make_grid(args, pipelines.adapter_cls), parse_args([]))
+        configs = budget.configs
+        budget.check_weights(pipelines.weights, model)
         pipelines.validate(configs)
         out = args.out or EVAL_RESULTS / f"{dataset.name}-{args.backend}"
         try:
             run(args, argv, model, dataset, configs, pipelines, out)
         finally:
             pipelines.close()
+        budget.finish(out)  # the budgeted ratio per series, after the grid
         print(out)
     return 0
 
