@@ -114,15 +114,15 @@ def test_ratios_from_replaces_the_grid(tmp_path):
     from export.eval_pipelines import Config
     from export.evaluate import parse_args
 
-    rows = [UNPRUNED, row("catp (first) [compact]", 0.5, 0.80, "catp", layer_weights="first", positions="compact"),
-            row("catp (first) [compact]", 0.75, 0.70, "catp", layer_weights="first", positions="compact"),
+    rows = [UNPRUNED, row("catp (last) [compact]", 0.5, 0.80, "catp", layer_weights="last", positions="compact"),
+            row("catp (last) [compact]", 0.75, 0.70, "catp", layer_weights="last", positions="compact"),
             row("random (seed 3)", 0.5, 0.60, "random", seed=3)]
-    rows[1]["config"], rows[2]["config"] = "catp-wfirst-compact-r0.5", "catp-wfirst-compact-r0.75"
+    rows[1]["config"], rows[2]["config"] = "catp-wlast-compact-r0.5", "catp-wlast-compact-r0.75"
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"weights_sha256": {"model.safetensors": "ab"}, "results": rows}))
     unpruned = Config("first-k", 0.0)
     plan = EvalBudget.plan(parse_args(["--ratios-from", str(path), "--max-drop", "1"]), [unpruned], parse_args([]))
-    assert plan.configs == [unpruned, Config("catp", 0.5, "first", "compact")]
+    assert plan.configs == [unpruned, Config("catp", 0.5, "last", "compact")]
     plan.check_weights({"model.safetensors": "ab"}, tmp_path)
     with pytest.raises(UsageError, match="other weights"):
         plan.check_weights({"model.safetensors": "cd"}, tmp_path)
@@ -160,10 +160,10 @@ def budget_results(tiny_blip2, tmp_path_factory):
     (first-layer weights, compact positions) at 0.5 only."""
     from export.adapters.base import weights_sha256
 
-    variant = {"layer_weights": "first", "positions": "compact"}
+    variant = {"layer_weights": "last", "positions": "compact"}
     rows = [UNPRUNED, row("catp", 0.5, 0.70), row("l2", 0.5, 0.80), row("l2", 0.75, 0.795), row("l2", 0.875, 0.60),
-            row("catp (first) [compact]", 0.5, 0.795, "catp", **variant),
-            row("catp (first) [compact]", 0.75, 0.50, "catp", **variant)]
+            row("catp (last) [compact]", 0.5, 0.795, "catp", **variant),
+            row("catp (last) [compact]", 0.75, 0.50, "catp", **variant)]
     path = tmp_path_factory.mktemp("budget") / "results.json"
     path.write_text(json.dumps({"dataset": "easy-vqa", "split": "train", "questions": 100, "weights_sha256":
                                 weights_sha256(tiny_blip2), "budget": {"max_drop": 1.0}, "results": rows}))
@@ -179,14 +179,14 @@ def build_main(*argv) -> int:
 
 def test_build_ratio_from_reproduces_the_series(tiny_blip2, budget_results, tmp_path, capsys):
     out = tmp_path / "engines"
-    code = build_main("--model", tiny_blip2, "--ratio-from", budget_results, "--series", "catp (first) [compact]",
+    code = build_main("--model", tiny_blip2, "--ratio-from", budget_results, "--series", "catp (last) [compact]",
                       "--out", out)
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "series 'catp (first) [compact]' -> ratio 0.5 (k=16)" in captured.err and "0.75, scores 50.00%" in captured.err
+    assert "series 'catp (last) [compact]' -> ratio 0.5 (k=16)" in captured.err and "0.75, scores 50.00%" in captured.err
     pruning = json.loads((out / "manifest.json").read_text())["pruning"]
     assert (pruning["method"], pruning["ratio"], pruning["positions"], pruning["layer_weights_preset"]) == (
-        "catp", 0.5, "compact", "first")
+        "catp", 0.5, "compact", "last")
 
 
 def test_build_ratio_from_picks_method_series_without_building(tiny_blip2, budget_results):
@@ -203,9 +203,9 @@ def test_build_ratio_from_picks_method_series_without_building(tiny_blip2, budge
 @pytest.mark.parametrize("extra, message", [
     ([], "no evaluated ratio of series 'catp' stays within 1 point(s) of unpruned (80.00%); the smallest, 0.5, scores 70.00%"),
     (["--ratio", "0.5"], "--ratio and --ratio-from are mutually exclusive"),
-    (["--series", "catp (first) [compact]", "--layer-weights", "last"], "--layer-weights last differs from series"),
+    (["--series", "catp (last) [compact]", "--layer-weights", "uniform"], "--layer-weights uniform differs from series"),
     (["--series", "l2", "--method", "catp"], "--method catp but series 'l2'"),
-    (["--method", "self-attn"], "has no series 'self-attn' (series: catp, l2, catp (first) [compact]); pick one with --series"),
+    (["--method", "self-attn"], "has no series 'self-attn' (series: catp, l2, catp (last) [compact]); pick one with --series"),
     (["--max-drop", "-1"], "--max-drop must be a non-negative number"),
 ])
 def test_build_ratio_from_errors(tiny_blip2, budget_results, tmp_path, capsys, extra, message):

@@ -375,9 +375,9 @@ def test_grid(eval_vqa):
     grid = eval_vqa.make_grid(args)
     names = [c.name for c in grid]
     assert names[0] == "unpruned" and len(names) == len(set(names)) == 1 + 2 * (2 * 2 + 2 + 2)
-    assert names[1:9] == ["catp-r0.5", "catp-compact-r0.5", "catp-w1_0-r0.5", "catp-w1_0-compact-r0.5",
+    assert names[1:9] == ["catp-wuniform-r0.5", "catp-wuniform-compact-r0.5", "catp-w1_0-r0.5", "catp-w1_0-compact-r0.5",
                           "l2-r0.5", "l2-compact-r0.5", "random-s3-r0.5", "random-s3-compact-r0.5"]
-    assert {c.series for c in grid} == {"unpruned", "catp", "catp [compact]", "catp (1,0)", "catp (1,0) [compact]",
+    assert {c.series for c in grid} == {"unpruned", "catp (uniform)", "catp (uniform) [compact]", "catp (1,0)", "catp (1,0) [compact]",
                                        "l2", "l2 [compact]", "random (seed 3)", "random (seed 3) [compact]"}
     assert all(c.seed == 3 for c in grid if c.method == "random")
     no_zero = eval_vqa.make_grid(eval_vqa.parse_args(["--ratios", "0.5", "--methods", "first-k"]))
