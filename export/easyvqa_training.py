@@ -33,6 +33,43 @@ def load_split(split: str):
     return list(questions), list(answers), list(image_ids), paths
 
 
+def pad_examples(rows: list[tuple[list[int], int]], pad_token_id: int):
+    """(ids, prompt length) rows → right-padded input ids, attention mask and labels (B, T) int64; labels mark what
+    follows the prompt (the answer and EOS: the loss is on those only), -100 elsewhere."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), width), -100, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for row, (ids, prompt_len) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+        labels[row, prompt_len : len(ids)] = ids[prompt_len:]
+    return input_ids, mask, labels
+
+
+def count_correct(tokenizer, generated_rows, answers) -> int:
+    """Exact matches of generated ids (cut at the first EOS, decoded) against the answers."""
+    correct = 0
+    for ids, answer in zip(generated_rows, answers):
+        tokens = []
+        for token in ids:
+            if token == tokenizer.eos_token_id:
+                break
+            tokens.append(token)
+        correct += tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer
+    return correct
+
+
+def start_run(args):
+    """Threads and seeds of a training run: (numpy generator, start time, ``say``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    return np.random.default_rng(args.seed), started, progress(started)
+
+
 def answer_kind(answer: str) -> str:
     return "shape" if answer in SHAPES else "yes/no" if answer in ("yes", "no") else "color"
 

@@ -107,15 +107,7 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
         axes.set_xticks([x for x, _ in ticks], [label for _, label in ticks])
         axes.minorticks_off()
     axes.set_xlabel("kept visual tokens k/N (log scale)")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"{Path(meta['model']).name} on {meta['dataset']} {meta['split']} "
-                   f"({meta['questions']} questions, {meta['backend']})", fontsize=10)
-    axes.grid(True, alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish(path, figure, axes, meta)
 
 
 def plot_kv(path: Path, meta: dict, results: list[dict]) -> None:
@@ -140,6 +132,13 @@ def plot_kv(path: Path, meta: dict, results: list[dict]) -> None:
         axes.plot([100.0], [100 * unpruned["accuracy"]], marker="o", color="black", markersize=5)
     full = next(r["cross_kv_bytes_full"] for r in results if r.get("cross_kv_bytes_full"))
     axes.set_xlabel(f"cross-attention keys/values kept per image (% of {full / 1024:.0f} KiB)")
+    finish(path, figure, axes, meta)
+
+
+def finish(path: Path, figure, axes, meta: dict) -> None:
+    """What both plots share: the accuracy axis, the title (model, data, questions, backend), grid, legend, file."""
+    import matplotlib.pyplot as plt
+
     axes.set_ylabel("accuracy (%)")
     axes.set_title(f"{Path(meta['model']).name} on {meta['dataset']} {meta['split']} "
                    f"({meta['questions']} questions, {meta['backend']})", fontsize=10)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from export.defaults import DEFAULT_MODEL
-from export.easyvqa_training import load_split, progress, train, training_record, write_record
+from export.easyvqa_training import count_correct, load_split, pad_examples, start_run, train, training_record, write_record
 
 PROMPT = "Question: {} Answer:"
 IMAGE_SIZE = 64  # easy-VQA images are 64 × 64
@@ -77,21 +76,12 @@ def build_model(tokenizer, seed: int):
 
 def encode_examples(tokenizer, questions, answers):
     """ids = BOS + prompt + answer + EOS; labels mark the answer and EOS (the loss is on those only)."""
-    eos = tokenizer.eos_token_id
     rows = []
     for question, answer in zip(questions, answers):
         prompt_ids = tokenizer(PROMPT.format(question)).input_ids
-        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [eos]
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, len(prompt_ids)))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
-    labels = np.full((len(rows), width), -100, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for row, (ids, prompt_len) in enumerate(rows):
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-        labels[row, prompt_len : len(ids)] = ids[prompt_len:]
-    return input_ids, mask, labels
+    return pad_examples(rows, tokenizer.pad_token_id)
 
 
 def pixel_table(paths: dict, image_processor) -> tuple[np.ndarray, dict]:
@@ -131,7 +121,6 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
 
     correct = 0
     lm = model.language_model
-    eos = tokenizer.eos_token_id
     with torch.no_grad():
         for start in range(0, len(questions), batch_size):
             batch_q = questions[start : start + batch_size]
@@ -152,13 +141,7 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
             full_mask = torch.cat([torch.ones(len(prompts), query_embeds.shape[1], dtype=torch.long), mask], dim=1)
             output = lm.generate(inputs_embeds=embeds, attention_mask=full_mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
-            for row, answer in enumerate(answers[start : start + batch_size]):
-                tokens = []
-                for token in output[row].tolist():
-                    if token == eos:
-                        break
-                    tokens.append(token)
-                correct += tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer
+            correct += count_correct(tokenizer, output.tolist(), answers[start : start + batch_size])
     return correct / len(questions)
 
 
@@ -173,11 +156,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    started = time.perf_counter()
-    say = progress(started)
+    rng, started, say = start_run(args)
 
     questions, answers, image_ids, paths = load_split("train")
     test_q, test_a, test_ids, test_paths = load_split("test")

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from export.defaults import MLLAMA_MODEL
-from export.easyvqa_training import load_split, progress, train, training_record, write_record
+from export.easyvqa_training import count_correct, load_split, pad_examples, start_run, train, training_record, write_record
 
 PROMPT = "Question: {} Answer:"  # after "<|image|><|begin_of_text|>", as the adapter's default template renders
 TILE_SIZE, TILES = 32, 4  # a 64×64 easy-VQA image is exactly 2×2 tiles
@@ -80,15 +79,7 @@ def encode_examples(tokenizer, questions, answers):
     for prompt_ids, answer in zip(encode_prompts(tokenizer, questions), answers):
         answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, len(prompt_ids)))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
-    labels = np.full((len(rows), width), -100, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for row, (ids, prompt_len) in enumerate(rows):
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-        labels[row, prompt_len : len(ids)] = ids[prompt_len:]
-    return input_ids, mask, labels
+    return pad_examples(rows, tokenizer.pad_token_id)
 
 
 def pixel_table(paths: dict, image_processor) -> tuple[dict, dict]:
@@ -140,13 +131,7 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
             inputs = model_inputs(pixels, rows[start : start + batch_size], ids, mask)
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id)[:, width:]
-            for row, answer in enumerate(answers[start : start + batch_size]):
-                tokens = []
-                for token in output[row].tolist():
-                    if token == tokenizer.eos_token_id:
-                        break
-                    tokens.append(token)
-                correct += tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer
+            correct += count_correct(tokenizer, output.tolist(), answers[start : start + batch_size])
     return correct / len(questions)
 
 
@@ -155,17 +140,12 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from transformers.utils import logging as hf_logging
 
     from export.tiny import build_mllama_tokenizer, mllama_processor, words_in
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    started = time.perf_counter()
-    say = progress(started)
+    rng, started, say = start_run(args)
 
     questions, answers, image_ids, paths = load_split("train")
     test_q, test_a, test_ids, test_paths = load_split("test")
