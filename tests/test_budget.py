@@ -236,6 +236,7 @@ def test_build_ratio_from_other_weights(tiny_blip2, budget_results, tmp_path, ca
 # ------------------------------------------------------------------------------------------------ eval_vqa.py
 
 
+@pytest.mark.slow  # ~15 s: two evaluations through the CLI
 def test_eval_max_drop_then_ratios_from(tiny_blip2, tmp_path):
     """``--max-drop`` on 16 test questions (torch reference: no engines to build), then ``--ratios-from`` that run on 8
     train questions: unpruned + each series at its chosen ratio; a budget of 100 points holds whatever it answers."""
