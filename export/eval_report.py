@@ -89,18 +89,7 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    pruned = [r for r in results if r["config"] != "unpruned"]
-    markers = "osD^vPX*<>"
-    for number, series in enumerate(dict.fromkeys(r["series"] for r in pruned)):
-        points = sorted((r["kept_fraction"], 100 * r["accuracy"]) for r in pruned if r["series"] == series)
-        # distinct markers, shrinking, so that lines lying on top of each other stay visible
-        axes.plot([x for x, _ in points], [y for _, y in points], marker=markers[number % len(markers)],
-                  markersize=max(3.0, 9.0 - 1.2 * number), linewidth=1.5, alpha=0.85, label=series)
-    unpruned = next((r for r in results if r["config"] == "unpruned"), None)
-    if unpruned:
-        axes.axhline(100 * unpruned["accuracy"], color="black", linestyle="--", linewidth=1,
-                     label=f"unpruned ({100 * unpruned['accuracy']:.1f})")
-        axes.plot([1.0], [100 * unpruned["accuracy"]], marker="o", color="black", markersize=5)
+    draw_series(axes, results, lambda r: r["kept_fraction"], 1.0)
     ticks = sorted({(r["kept_fraction"], f"{r['k']}/{r['num_visual_tokens']}") for r in results})
     if ticks:
         axes.set_xscale("log", base=2)
@@ -119,20 +108,27 @@ def plot_kv(path: Path, meta: dict, results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    pruned = [r for r in results if r["config"] != "unpruned" and r.get("cross_kv_bytes")]
+    draw_series(axes, [r for r in results if r.get("cross_kv_bytes")], lambda r: 100 * r["cross_kv_kept_fraction"], 100.0)
+    full = next(r["cross_kv_bytes_full"] for r in results if r.get("cross_kv_bytes_full"))
+    axes.set_xlabel(f"cross-attention keys/values kept per image (% of {full / 1024:.0f} KiB)")
+    finish(path, figure, axes, meta)
+
+
+def draw_series(axes, results: list[dict], x_of, unpruned_x: float) -> None:
+    """Accuracy (%) against ``x_of(row)``: a line per method variant, unpruned as a dashed line and a dot at
+    ``unpruned_x``."""
+    pruned = [r for r in results if r["config"] != "unpruned"]
     markers = "osD^vPX*<>"
     for number, series in enumerate(dict.fromkeys(r["series"] for r in pruned)):
-        points = sorted((100 * r["cross_kv_kept_fraction"], 100 * r["accuracy"]) for r in pruned if r["series"] == series)
+        points = sorted((x_of(r), 100 * r["accuracy"]) for r in pruned if r["series"] == series)
+        # distinct markers, shrinking, so that lines lying on top of each other stay visible
         axes.plot([x for x, _ in points], [y for _, y in points], marker=markers[number % len(markers)],
                   markersize=max(3.0, 9.0 - 1.2 * number), linewidth=1.5, alpha=0.85, label=series)
     unpruned = next((r for r in results if r["config"] == "unpruned"), None)
     if unpruned:
         axes.axhline(100 * unpruned["accuracy"], color="black", linestyle="--", linewidth=1,
                      label=f"unpruned ({100 * unpruned['accuracy']:.1f})")
-        axes.plot([100.0], [100 * unpruned["accuracy"]], marker="o", color="black", markersize=5)
-    full = next(r["cross_kv_bytes_full"] for r in results if r.get("cross_kv_bytes_full"))
-    axes.set_xlabel(f"cross-attention keys/values kept per image (% of {full / 1024:.0f} KiB)")
-    finish(path, figure, axes, meta)
+        axes.plot([unpruned_x], [100 * unpruned["accuracy"]], marker="o", color="black", markersize=5)
 
 
 def finish(path: Path, figure, axes, meta: dict) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from export.defaults import DEFAULT_MODEL
 from export.easyvqa_training import count_correct, load_split, pad_examples, start_run, train, training_record, write_record
+from runtime.pipelines.base import left_pad
 
 PROMPT = "Question: {} Answer:"
 IMAGE_SIZE = 64  # easy-VQA images are 64 × 64
@@ -125,12 +126,7 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
         for start in range(0, len(questions), batch_size):
             batch_q = questions[start : start + batch_size]
             prompts = [tokenizer(PROMPT.format(q)).input_ids for q in batch_q]
-            width = max(map(len, prompts))
-            ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for row, p in enumerate(prompts):  # left padding
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            ids, mask = (torch.from_numpy(a) for a in left_pad(prompts, tokenizer.pad_token_id))  # (B, T) each
             pixel_values = torch.from_numpy(pixels[rows[start : start + batch_size]])
             image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
             queries = model.query_tokens.expand(len(prompts), -1, -1)

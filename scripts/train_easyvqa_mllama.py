@@ -24,6 +24,7 @@ import numpy as np
 
 from export.defaults import MLLAMA_MODEL
 from export.easyvqa_training import count_correct, load_split, pad_examples, start_run, train, training_record, write_record
+from runtime.pipelines.base import left_pad
 
 PROMPT = "Question: {} Answer:"  # after "<|image|><|begin_of_text|>", as the adapter's default template renders
 TILE_SIZE, TILES = 32, 4  # a 64×64 easy-VQA image is exactly 2×2 tiles
@@ -121,13 +122,8 @@ def greedy_accuracy(model, tokenizer, pixels, rows, questions, answers, batch_si
     correct = 0
     with torch.no_grad():
         for start in range(0, len(questions), batch_size):
-            prompts = encode_prompts(tokenizer, questions[start : start + batch_size])
-            width = max(map(len, prompts))
-            ids = np.full((len(prompts), width), tokenizer.pad_token_id, dtype=np.int64)
-            mask = np.zeros((len(prompts), width), dtype=np.int64)
-            for row, prompt in enumerate(prompts):  # left padding
-                ids[row, width - len(prompt) :] = prompt
-                mask[row, width - len(prompt) :] = 1
+            ids, mask = left_pad(encode_prompts(tokenizer, questions[start : start + batch_size]), tokenizer.pad_token_id)
+            width = ids.shape[1]
             inputs = model_inputs(pixels, rows[start : start + batch_size], ids, mask)
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id)[:, width:]
