@@ -33,9 +33,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (
 
 
 @contextmanager
-def _opened(path: str | Path, max_pixels: int | None):
+def _opened(path, max_pixels: int | None, name: str | None = None):
     """``Image.open`` (header only) with every failure as one ``UsageError`` line, and images above ``max_pixels``
-    refused before anything is decoded (our check in place of Pillow's decompression-bomb check)."""
+    refused before anything is decoded (our check in place of Pillow's decompression-bomb check). ``path``: a path or
+    a binary file object (the server's request bytes), shown in messages as ``name`` when given."""
+    shown = path if name is None else name
     limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; the size is checked below, before decoding
@@ -45,15 +47,16 @@ def _opened(path: str | Path, max_pixels: int | None):
             try:
                 image = Image.open(path)
             except FileNotFoundError:
-                raise UsageError(f"image not found: {path}") from None
+                raise UsageError(f"image not found: {shown}") from None
             except IsADirectoryError:
-                raise UsageError(f"image {path} is a folder, not a file") from None
+                raise UsageError(f"image {shown} is a folder, not a file") from None
             except (OSError, ValueError, SyntaxError) as err:  # Pillow raises these for bad or unknown files
-                raise UsageError(f"cannot read image {path}: {err}") from None
+                reason = err if name is None else "not an image file Pillow can read"  # no file object's repr
+                raise UsageError(f"cannot read image {shown}: {reason}") from None
             width, height = image.size
             if width * height > limit:
                 image.close()
-                raise UsageError(f"image {path} is {width}x{height} = {width * height} pixels, over "
+                raise UsageError(f"image {shown} is {width}x{height} = {width * height} pixels, over "
                                  f"--max-image-pixels ({limit}); raise it if the image is trusted")
             yield image
     finally:
@@ -68,15 +71,17 @@ def peek_image(path: str | Path, max_pixels: int | None = None) -> tuple[int, in
     return size
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode the image at ``path`` (one ``UsageError`` line for a missing, broken or too large file)."""
-    with _opened(path, max_pixels) as image:
+def load_image(path, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode the image at ``path`` (or from a binary file object, shown as ``name``): one ``UsageError`` line for a
+    missing, broken or too large file."""
+    shown = path if name is None else name
+    with _opened(path, max_pixels, name) as image:
         try:
             image.load()
         except (OSError, ValueError, SyntaxError, EOFError) as err:
-            raise UsageError(f"cannot decode image {path}: {err}") from None
+            raise UsageError(f"cannot decode image {shown}: {err}") from None
         except MemoryError:
-            raise UsageError(f"image {path} does not fit in memory") from None
+            raise UsageError(f"image {shown} does not fit in memory") from None
     return image
 
 
