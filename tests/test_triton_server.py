@@ -197,6 +197,25 @@ def test_a_bad_request_among_concurrent_ones_fails_alone(server):
             assert outcome["answer"] in ("triangle", "yellow", "blue")
 
 
+def test_load_test_script_on_the_running_server(server, tmp_path):
+    """scripts/load_test.py, tiny: every figure present and positive, no error, Triton's batch statistics adding up
+    (no timing assertions); a non-loopback --url is refused before anything is sent."""
+    result = run_cli("scripts/load_test.py", "--url", server.http_url, "--concurrency", "1,4", "--requests", "12",
+                     "--out", tmp_path, check=True)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert result.stdout.strip() == str(tmp_path / "results.json") and (tmp_path / "load_test.png").stat().st_size > 0
+    (levels,) = record["series"].values()
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] == level["completed"] == 12 and level["errors"] == 0
+        assert level["throughput_rps"] > 0 and 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+        assert level["triton"]["inferences"] == 12
+        assert sum(int(size) * count for size, count in level["triton"]["batch_histogram"].items()) == 12
+    refused = run_cli("scripts/load_test.py", "--url", "192.0.2.1:8000", "--out", tmp_path / "x")
+    assert refused.returncode == 2 and "not a loopback address" in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_stopping_leaves_no_process(server):
     """Last in this module: the server and its Python backend stubs (one per model instance) all end."""
     stubs = processes_mentioning(str(server.repository))
