@@ -5,6 +5,8 @@
     vtprune parity ...   runtime/parity          every stage against the PyTorch reference
     vtprune eval   ...   export/evaluate.py      accuracy against pruning ratio over a VQA data set
     vtprune bench  ...   export/bench.py         speed per stage against HF generate and the FLOP model
+    vtprune triton-repo  runtime/triton_repo.py  a Triton model repository generated from the manifest
+    vtprune serve  ...   runtime/serve.py        serve an engines folder on a local tritonserver (KServe v2)
 
 Everything after the command goes to that CLI's own ``main(argv)`` unchanged, so ``vtprune <command> --help`` is
 the command's own help, and flags, output and exit codes are the command's. The table below names each command's
@@ -32,6 +34,8 @@ COMMANDS: dict[str, Command] = {
     "parity": Command("runtime.parity.__main__", "compare every stage of an engines folder with the PyTorch reference"),
     "eval": Command("export.evaluate", "accuracy against pruning ratio over a VQA data set (a grid of configurations)"),
     "bench": Command("export.bench", "speed per stage against pruning ratio, HF generate and the FLOP model"),
+    "triton-repo": Command("runtime.triton_repo", "write a Triton model repository generated from an engines folder"),
+    "serve": Command("runtime.serve", "serve an engines folder on a local tritonserver (KServe v2 HTTP + gRPC)"),
 }
 
 

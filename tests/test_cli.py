@@ -26,7 +26,8 @@ sys.exit(code)
 """
 # command → (its prog in the usage line, a flag its help lists)
 COMMANDS = {"build": ("build.py", "--ratio"), "infer": ("infer.py", "--engines"), "parity": (None, "--engines"),
-            "eval": ("eval_vqa.py", "--ratios"), "bench": ("bench.py", "--baselines")}
+            "eval": ("eval_vqa.py", "--ratios"), "bench": ("bench.py", "--baselines"),
+            "triton-repo": ("triton_repo.py", "--flavor"), "serve": ("serve.py", "--grpc-port")}
 
 
 def vtprune(*args) -> subprocess.CompletedProcess:
@@ -64,7 +65,7 @@ def test_unknown_command_is_one_error_line():
     result = vtprune("train")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if "error:" in line] == [
-        "vtprune: error: unknown command 'train'; choose one of build, infer, parity, eval, bench"]
+        "vtprune: error: unknown command 'train'; choose one of build, infer, parity, eval, bench, triton-repo, serve"]
 
 
 def test_infer_through_the_dispatcher(engines):
