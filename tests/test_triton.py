@@ -117,14 +117,14 @@ def test_gpu_flavour_takes_plans_of_tensorrt_proper_only(engines, tmp_path):
     shutil.copytree(engines, folder)
     for graph in Manifest.load(folder).graphs:
         (folder / f"{graph}.plan").write_bytes(b"plan")
-    for flavour, backend in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "onnxruntime")):
+    for flavour, backend in (("tensorrt", "tensorrt_plan"), ("tensorrt-rtx", "onnxruntime")):
         manifest = Manifest.load(folder)
         manifest.plans = {g: {"file": f"{g}.plan", "tensorrt": flavour, "version": "10.0"} for g in manifest.graphs}
         models = write_repository(manifest, tmp_path / f"repo-{flavour}", RepoSettings(flavor="gpu"))
         for graph in manifest.graphs:
             config, _ = parse_config(models[graph_model_name(graph)] / "config.pbtxt")
-            assert config.backend == backend
-            assert (models[graph_model_name(graph)] / "1" / ("model.plan" if backend == "tensorrt" else "model.onnx")).is_file()
+            assert (config.platform if backend == "tensorrt_plan" else config.backend) == backend
+            assert (models[graph_model_name(graph)] / "1" / ("model.plan" if backend == "tensorrt_plan" else "model.onnx")).is_file()
 
 
 def test_repository_cli_refuses_an_existing_folder_and_leaves_nothing_on_failure(engines, tmp_path):

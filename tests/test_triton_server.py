@@ -218,14 +218,17 @@ def test_load_test_script_on_the_running_server(server, tmp_path):
 
 def test_stopping_leaves_no_process(server):
     """Last in this module: the server and its Python backend stubs (one per model instance) all end."""
-    stubs = processes_mentioning(str(server.repository))
-    assert len(stubs) >= 5  # the vtprune model and one per graph
+    processes = processes_mentioning(str(server.repository))
+    assert len(processes) >= 6  # the server, and a stub for the vtprune model and for each graph
+    regions = server.shared_memory_regions()
+    assert len(regions) == len(processes) - 1  # one shared-memory region per stub
     group = server.process.pid
     server.stop()
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)
     assert processes_mentioning(str(server.repository)) == []
+    assert not [region for region in regions if Path("/dev/shm", region).exists()]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@
 
 Flavours: ``python`` — every model on Triton's Python backend (what the pip-installed ``tritonserver`` of
 ``nvidia-pytriton`` runs; ``runtime/serve.py``); ``gpu`` — graph models on Triton's ``tensorrt`` backend where the
-folder has plans of TensorRT proper (Triton's TensorRT backend does not load TensorRT-for-RTX plans), else on its
+folder has plans of TensorRT proper (platform ``tensorrt_plan``; Triton's TensorRT backend does not load TensorRT-for-RTX plans), else on its
 ``onnxruntime`` backend with the TensorRT accelerator (profiles from the manifest's ``dynamic_dims``), on KIND_GPU
 instances; the pipeline model stays a Python model in both.
 
@@ -134,7 +134,7 @@ def graph_config(manifest: Manifest, graph: str, settings: RepoSettings) -> str:
     if settings.flavor == "python":
         lines.append('backend: "python"')
     elif uses_tensorrt_plans(manifest):
-        lines += ['backend: "tensorrt"', 'default_model_filename: "model.plan"']
+        lines += ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"']
     else:
         lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
     lines.append(f"max_batch_size: {manifest.max_batch}")

@@ -36,6 +36,7 @@ INSTALL_HINT = ("no tritonserver found: pip install --no-deps nvidia-pytriton==0
                 "PATH, or give --tritonserver PATH")
 # The Python backend's environment: the versions this environment has, but numpy 1 (see the module docstring).
 ENV_NUMPY = "numpy==1.26.4"
+SHM_PREFIX = "triton_python_backend_shm_region_"
 ENV_PACKAGES = ("onnxruntime", "pillow", "tokenizers", "jinja2", "pydantic")
 
 
@@ -251,10 +252,27 @@ class TritonServer:
         errors = [line for line in lines if line.startswith("E")]
         return (errors[-1] if errors else (lines[-1] if lines else "empty log")).strip()[:400]
 
+    def shared_memory_regions(self) -> set[str]:
+        """The Python backend's shared-memory regions of this server (named on its stubs' command lines): a server
+        that exits on its exit timeout, or is killed, leaves them in /dev/shm."""
+        regions = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if arguments and str(self.workdir).encode() in arguments[0]:
+                regions |= {a.decode() for a in arguments if a.startswith(SHM_PREFIX.encode())}
+        return regions
+
     def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; returns its exit status."""
+        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds, then its leftover shared-memory
+        regions removed; returns its exit status."""
         if self.process is None:
             return None
+        regions = self.shared_memory_regions()
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -268,6 +286,8 @@ class TritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for region in regions:
+            Path("/dev/shm", region).unlink(missing_ok=True)
         return self.process.returncode
 
     def __enter__(self) -> "TritonServer":
