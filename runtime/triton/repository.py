@@ -11,9 +11,9 @@
         1/model.py  1/runtime/      python flavour only: the graph run by ONNX Runtime inside the Python backend
 
 Flavours: ``python`` — every model on Triton's Python backend (what the pip-installed ``tritonserver`` of
-``nvidia-pytriton`` runs; ``runtime/serve.py``); ``gpu`` — graph models on Triton's ``tensorrt`` backend where the
-folder has plans of TensorRT proper (platform ``tensorrt_plan``; Triton's TensorRT backend does not load TensorRT-for-RTX plans), else on its
-``onnxruntime`` backend with the TensorRT accelerator (profiles from the manifest's ``dynamic_dims``), on KIND_GPU
+``nvidia-pytriton`` runs; ``runtime/serve.py``); ``gpu`` — graph models on Triton's TensorRT backend (platform
+``tensorrt_plan``) where the folder has plans of TensorRT proper (that backend does not load TensorRT-for-RTX
+plans), else on its ``onnxruntime`` backend with the TensorRT accelerator (profiles from the manifest's ``dynamic_dims``), on KIND_GPU
 instances; the pipeline model stays a Python model in both.
 
 Names, shapes and dtypes come from the manifest's graph specs: the leading ``batch`` dimension becomes
