@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +137,130 @@ def test_repository_cli_refuses_an_existing_folder_and_leaves_nothing_on_failure
     assert result.stdout.strip() == str(tmp_path / "r")
     assert (tmp_path / "r" / PIPELINE_MODEL / "config.pbtxt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "taken"]  # no staging folder left
+
+
+class FakeBackendUtils:
+    """Just enough of Triton's ``triton_python_backend_utils`` to run the Python-backend models in-process: BLS
+    requests go to GraphModel instances made from the repository's own folders and configs."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, np.asarray(array)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+
+        def __init__(self, message, code="INTERNAL"):
+            self._message, self.code = message, code
+
+        def message(self):
+            return self._message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+            self._error = error
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    def __init__(self, graph_models: dict):
+        self.graph_models = graph_models
+        utils = self
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs):
+                self.model_name, self.wanted, self.inputs = model_name, requested_output_names, inputs
+
+            def requested_output_names(self):
+                return self.wanted
+
+            def exec(self):
+                (response,) = utils.graph_models[self.model_name].execute([self])
+                return response
+
+        self.InferenceRequest = InferenceRequest
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return next((t for t in request.inputs if t.name() == name), None)
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return FakeBackendUtils.Tensor(name, response.outputs[name])
+
+
+def model_args(folder: Path, allow_numpy2: bool = True) -> dict:
+    """What Triton's Python backend passes to ``initialize``; ``allow_numpy2``: the model parameter that lets a model
+    run on numpy 2 (this process's; the stand-in utilities move no bytes)."""
+    from google.protobuf.json_format import MessageToDict
+
+    config, _ = parse_config(folder / "config.pbtxt")
+    if allow_numpy2:
+        config.parameters["allow_numpy2"].string_value = "1"
+    return {"model_config": json.dumps(MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(folder), "model_version": "1"}
+
+
+def test_python_backend_models_in_process_answer_as_the_pipeline(engines, tmp_path, monkeypatch):
+    """The generated python flavour's models run in this process over a stand-in for Triton's utilities (where no
+    server runs, this still checks them): answers equal the runtime's own, a bad request fails alone with one line
+    (INVALID_ARG), requests with other max_new_tokens are answered in their own batch, and an unexpected failure is
+    one line, not a dead batch."""
+    from runtime.backends import load_runners
+    from runtime.errors import UsageError
+    from runtime.pipelines import make_pipeline
+    from runtime.preprocess import load_image
+    from runtime.triton.models import GraphModel, PipelineModel
+
+    manifest = Manifest.load(engines)
+    models = write_repository(manifest, tmp_path / "repo", RepoSettings())
+    graph_models: dict = {}
+    utils = FakeBackendUtils(graph_models)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    if int(np.__version__.split(".")[0]) >= 2:  # the real stub exchanges wrong bytes with numpy 2: refused
+        with pytest.raises(UsageError, match="numpy 2.* in Triton's Python backend"):
+            PipelineModel().initialize(model_args(models[PIPELINE_MODEL], allow_numpy2=False))
+    for graph in manifest.graphs:
+        graph_models[graph_model_name(graph)] = GraphModel()
+        graph_models[graph_model_name(graph)].initialize(model_args(models[graph_model_name(graph)]))
+    pipeline_model = PipelineModel()
+    pipeline_model.initialize(model_args(models[PIPELINE_MODEL]))
+
+    image = (REPO / "samples" / "easyvqa-test-0.png").read_bytes()
+
+    def request(image_bytes, question, max_new_tokens=None):
+        inputs = [utils.Tensor("image", np.array([[image_bytes]], dtype=np.object_)),
+                  utils.Tensor("question", np.array([[question.encode()]], dtype=np.object_))]
+        if max_new_tokens is not None:
+            inputs.append(utils.Tensor("max_new_tokens", np.array([[max_new_tokens]], dtype=np.int32)))
+        return utils.InferenceRequest(PIPELINE_MODEL, [], inputs)
+
+    questions = ["what is the red shape?", "what color is the shape?"]
+    responses = pipeline_model.execute([request(image, questions[0]), request(b"junk", questions[0]),
+                                        request(image, questions[1], max_new_tokens=1), request(image, "")])
+    reference = make_pipeline(manifest, load_runners(manifest, "ort-cpu"))
+    expected = [reference.answer([load_image(REPO / "samples" / "easyvqa-test-0.png")], [q], max_new_tokens=n)[0]
+                for q, n in ((questions[0], 10), (questions[1], 1))]
+    for response, answer in zip((responses[0], responses[2]), expected):
+        assert not response.has_error()
+        assert response.outputs["answer"][0, 0].decode() == answer.answer
+        assert response.outputs["kept_indices"][0].tolist() == answer.kept_indices
+        assert [t for t in response.outputs["token_ids"][0].tolist() if t >= 0] == answer.token_ids
+    assert len(expected[1].token_ids) == 1  # max_new_tokens 1 was honoured for that request alone
+    for response, message in ((responses[1], "cannot read image of row 1"), (responses[3], "row 1: question is empty")):
+        assert response.has_error() and response.error().code == "INVALID_ARG"
+        assert message in response.error().message()
+    monkeypatch.setattr(pipeline_model.pipeline, "answer", lambda *a, **k: 1 / 0)
+    (failed,) = pipeline_model.execute([request(image, questions[0])])
+    assert failed.error().message().startswith("unexpected failure (ZeroDivisionError: division by zero)")
+    assert "\n" not in failed.error().message()

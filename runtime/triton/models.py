@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +44,17 @@ def check_numpy(parameters: dict[str, str]) -> None:
         raise UsageError(f"numpy {np.__version__} in Triton's Python backend: {NUMPY_HINT}")
 
 
-def error_response(pb, err: VtpruneError):
-    """A response carrying ``err``: a bad request (``UsageError``) as INVALID_ARG (HTTP 400), else INTERNAL."""
+def error_response(pb, err: Exception):
+    """A response carrying ``err`` as one line: a bad request (``UsageError``) as INVALID_ARG (HTTP 400), else
+    INTERNAL; a failure nobody predicted also goes to the server's log with its traceback."""
+    if isinstance(err, VtpruneError):
+        message = str(err)
+    else:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        message = f"unexpected failure ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}); " \
+                  "traceback in the server's log"
     code = getattr(pb.TritonError, "INVALID_ARG", None) if isinstance(err, UsageError) else None
-    error = pb.TritonError(str(err)) if code is None else pb.TritonError(str(err), code)
+    error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
     return pb.InferenceResponse(error=error)
 
 
@@ -77,7 +86,7 @@ class GraphModel:
                 wanted = request.requested_output_names() or self.runner.output_names
                 responses.append(pb.InferenceResponse(
                     [pb.Tensor(name, np.ascontiguousarray(outputs[name])) for name in wanted]))
-            except VtpruneError as err:
+            except Exception as err:  # noqa: BLE001 - every request gets a response, never a dead batch
                 responses.append(error_response(pb, err))
         return responses
 
@@ -200,7 +209,7 @@ class PipelineModel:
         for index, request in enumerate(requests):
             try:
                 rows = self.read_request(request)
-            except VtpruneError as err:
+            except Exception as err:  # noqa: BLE001 - this request alone fails
                 responses[index] = error_response(pb, err)
                 continue
             groups.setdefault((rows["max_new_tokens"], rows["num_beams"]), []).append((index, rows))
@@ -209,7 +218,7 @@ class PipelineModel:
             questions = [question for _, rows in members for question in rows["questions"]]
             try:
                 answers = self.pipeline.answer(images, questions, max_new_tokens=max_new_tokens, num_beams=num_beams)
-            except VtpruneError as err:
+            except Exception as err:  # noqa: BLE001 - the batch's requests fail with one line each
                 for index, _ in members:
                     responses[index] = error_response(pb, err)
                 continue

@@ -131,7 +131,12 @@ def ensure_python_env(progress=lambda line: print(line, file=sys.stderr, flush=T
         subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, capture_output=True, text=True)
         subprocess.run([str(staging / "bin" / "python3"), "-m", "pip", "install", "--quiet",
                         "--disable-pip-version-check", *requirements], check=True, capture_output=True, text=True)
-        os.rename(staging, folder)  # only `python3 -m ...` is used: the venv's script shebangs do not matter
+        try:
+            os.rename(staging, folder)  # only `python3 -m ...` is used: the venv's script shebangs do not matter
+        except OSError:
+            if not python.exists():  # another serve.py made it meanwhile, else a real failure
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except subprocess.CalledProcessError as err:
         shutil.rmtree(staging, ignore_errors=True)
         last = (err.stderr or err.stdout or "").strip().splitlines()[-1:] or ["?"]
