@@ -14,6 +14,7 @@ Exit codes: 0 stopped on request, 1 the server failed (its log is kept and named
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import tempfile
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             say("serve.py: stopping")
             server.stop()
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
             return 0
         except BaseException:
