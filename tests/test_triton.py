@@ -264,3 +264,10 @@ def test_python_backend_models_in_process_answer_as_the_pipeline(engines, tmp_pa
     (failed,) = pipeline_model.execute([request(image, questions[0])])
     assert failed.error().message().startswith("unexpected failure (ZeroDivisionError: division by zero)")
     assert "\n" not in failed.error().message()
+
+
+def test_serve_refuses_a_missing_server_binary_in_one_line(engines, tmp_path):
+    result = run_cli("runtime/serve.py", "--engines", engines, "--tritonserver", tmp_path / "nowhere")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"serve.py: error: --tritonserver {tmp_path / 'nowhere'} is not an "
+                                                  "executable file"]

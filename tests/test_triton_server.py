@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,30 @@ def test_stopping_leaves_no_process(server):
         os.killpg(group, 0)
     assert processes_mentioning(str(server.repository)) == []
     assert not [region for region in regions if Path("/dev/shm", region).exists()]
+
+
+def test_serve_names_the_servers_own_error_when_it_cannot_start(default_engines):
+    """A port already taken: one line quoting tritonserver's reason and naming its log; nothing left running; the same
+    binary found explicitly (--tritonserver) as by default."""
+    import socket
+
+    from runtime.triton.server import find_tritonserver
+
+    install = usable_tritonserver()
+    python_env_or_skip()
+    assert find_tritonserver(install.binary) == install
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("runtime/serve.py", "--engines", default_engines, "--http-port", port, "--grpc-port", 0,
+                         "--metrics-port", 0, "--tritonserver", install.binary)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "tritonserver exited during start-up" in error and f"127.0.0.1:{port}' already in use" in error
+    log = Path(error.rsplit("log: ", 1)[1])
+    assert log.is_file() and processes_mentioning(str(log.parent)) == []
+    shutil.rmtree(log.parent)  # kept by serve.py for the user to read
 
 
 @pytest.mark.slow

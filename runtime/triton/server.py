@@ -57,23 +57,31 @@ class TritonInstall:
         return stub
 
 
+def install_at(binary: Path) -> TritonInstall:
+    """The install around ``bin/tritonserver``: Triton's own layout (``backends/python`` beside ``bin``, the stub in
+    it) or nvidia-pytriton's (stubs per Python version beside ``backends``, its libraries two folders up)."""
+    root = binary.parents[1]
+    stubs, libraries = root / "python_backend_stubs", root.parents[1] / "nvidia_pytriton.libs"
+    return TritonInstall(binary, root / "backends" / "python", stubs if stubs.is_dir() else None,
+                         libraries if libraries.is_dir() else None)
+
+
 def find_tritonserver(explicit: str | Path | None = None) -> TritonInstall:
     """``explicit`` (a Triton install's ``bin/tritonserver``), else the one ``nvidia-pytriton`` bundles, else
-    ``tritonserver`` on PATH (``/opt/tritonserver`` layout: ``../backends/python`` beside ``bin``)."""
+    ``tritonserver`` on PATH."""
     if explicit is None:
         spec = importlib.util.find_spec("pytriton")  # located without importing it (its imports need its pins)
         if spec is not None and spec.submodule_search_locations:
-            root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-            if (root / "bin" / "tritonserver").exists():
-                return TritonInstall(root / "bin" / "tritonserver", root / "backends" / "python",
-                                     root / "python_backend_stubs", root.parents[1] / "nvidia_pytriton.libs")
+            binary = Path(list(spec.submodule_search_locations)[0]) / "tritonserver" / "bin" / "tritonserver"
+            if binary.exists():
+                return install_at(binary)
         explicit = shutil.which("tritonserver")
         if explicit is None:
             raise UnsupportedError(INSTALL_HINT)
     binary = Path(explicit).resolve()
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise UsageError(f"--tritonserver {explicit} is not an executable file")
-    return TritonInstall(binary, binary.parents[1] / "backends" / "python")
+    return install_at(binary)
 
 
 def python_facts(python: Path) -> dict:
