@@ -84,6 +84,7 @@ def test_repository_matches_the_manifest(family, flavor, engines, mllama_engines
             assert not (version / "model.py").exists()
             (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
             assert accelerator.name == "tensorrt"
+            assert accelerator.parameters["trt_engine_cache_path"].endswith("/" + graph_model_name(graph))
             # TensorRT profiles: every input at the manifest's min / opt / max of its symbolic dims
             for which, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
                 shapes = dict(item.split(":") for item in accelerator.parameters[key].split(","))

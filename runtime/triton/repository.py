@@ -144,7 +144,8 @@ def graph_config(manifest: Manifest, graph: str, settings: RepoSettings) -> str:
     lines.append(_instances(settings.graph_instances, kind))
     if settings.flavor == "gpu" and not uses_tensorrt_plans(manifest):
         accelerator = {"precision_mode": "FP16" if manifest.precision == "fp16" else "FP32",
-                       "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/vtprune-trt-cache"}
+                       "trt_engine_cache_enable": "1",  # TensorRT builds once per machine, not at every load
+                       "trt_engine_cache_path": f"/tmp/vtprune-trt-cache/{graph_model_name(graph)}"}
         if manifest.dynamic_dims:
             for which, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
                 accelerator[key] = trt_profile_shapes(spec, manifest.dynamic_dims, which)
