@@ -106,8 +106,8 @@ def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict
         if settings.get("do_resize", True):
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
         pixels = np.asarray(image)  # (H, W, 3) uint8
-        for channel in range(3):
-            pixel_values[row, channel] = table[channel][pixels[:, :, channel]]  # (H, W)
+        for channel in range(3):  # np.take: 0.65× the time of fancy indexing (README "Speed")
+            np.take(table[channel], pixels[:, :, channel], out=pixel_values[row, channel])  # (H, W)
     return {"pixel_values": pixel_values}
 
 

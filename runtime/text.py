@@ -50,9 +50,10 @@ class TextCodec:
         return self.prefix_ids + ids + self.suffix_ids
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """``encode`` for a batch in one tokenizer call."""
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [self.prefix_ids + encoding.ids + self.suffix_ids for encoding in encodings]
+        """``encode`` for each text, one tokenizer call each: ``encode_batch`` hands a batch to the tokenizers crate's
+        thread pool, whose wake-up cost more than the encoding itself (a request of 8 short prompts: 0.40 ms in
+        the pipeline against 0.1 ms: README "Speed")."""
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
