@@ -52,9 +52,15 @@ class TimedRunner:
         self._runner, self._ledger = runner, ledger
         self.run = ledger.timed(runner.run)
         if hasattr(runner, "bind"):
-            self.bind = lambda inputs, outputs: ledger.timed(runner.bind(inputs, outputs))
+            self.bind = lambda inputs, outputs: self._timed_binding(runner.bind(inputs, outputs))
         if hasattr(runner, "resident_step"):
             self.resident_step = lambda cache, constant: ledger.timed(runner.resident_step(cache, constant))
+
+    def _timed_binding(self, call):
+        timed = self._ledger.timed(call)
+        if hasattr(call, "rebind"):  # a kept decode step rebinds the next request's constant feeds
+            timed.rebind = call.rebind
+        return timed
 
     def __getattr__(self, name: str):
         return getattr(self._runner, name)

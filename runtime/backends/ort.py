@@ -145,6 +145,13 @@ class BoundCall:
     def __init__(self, runner: OrtRunner, binding, buffers: dict[str, np.ndarray]):
         self.runner, self.binding, self.buffers = runner, binding, buffers
 
+    def rebind(self, name: str, array: np.ndarray) -> None:
+        """Bind input ``name`` to another C-contiguous host buffer (a kept decode step's next request)."""
+        if not array.flags.c_contiguous:
+            raise BackendError(f"{self.runner.path.name}: buffer {name!r} bound to ONNX Runtime must be C-contiguous")
+        self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.buffers[name] = array
+
     def __call__(self) -> None:
         try:
             self.runner.session.run_with_iobinding(self.binding)

@@ -13,7 +13,7 @@ from PIL import Image
 from runtime.backends.base import Runner
 from runtime.errors import UsageError
 from runtime.manifest import Manifest
-from runtime.pipelines.decoding import DecodeStep, KVCache, TokenCallback, beam_search, greedy_decode
+from runtime.pipelines.decoding import DecodeStep, KVCache, StepPool, TokenCallback, beam_search, greedy_decode
 from runtime.preprocess import load_image
 from runtime.text import TextCodec, check_text
 
@@ -79,6 +79,7 @@ class BatchedPipeline:
         self.runners = runners
         self.text = TextCodec(manifest.path(manifest.text["tokenizer"]), manifest.text)
         self.float_dtype = np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
+        self.steps = StepPool()  # bound decode steps kept for the next request of the same shapes
 
     @property
     def position_limit(self) -> int:
@@ -147,11 +148,16 @@ class BatchedPipeline:
         bind = self.io_binding if self.io_binding is not None else (
             getattr(runner, "device", None) == "cpu" or hasattr(runner, "resident_step"))
         if num_beams == 1:
-            step = DecodeStep(runner, cache, constant, bind=bind)
-            return greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
-                                 self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
+            pooled = bind and hasattr(runner, "bind") and not hasattr(runner, "resident_step")
+            step = self.steps.step(runner, cache, constant) if pooled else DecodeStep(runner, cache, constant, bind=bind)
+            generated = greedy_decode(step, prefill_out["logits"], next_position, self.text.eos_token_ids,
+                                      self.text.pad_token_id, max_new_tokens, row_limits, self.on_token)
+            self.steps.release(cache)
+            return generated
         constant = {name: np.repeat(value, num_beams, axis=0) for name, value in constant.items()}  # (B·N, ...)
-        step = DecodeStep(runner, cache.repeat_rows(num_beams), constant, bind=bind, resident=False)
+        repeated = cache.repeat_rows(num_beams)
+        self.steps.release(cache)
+        step = DecodeStep(runner, repeated, constant, bind=bind, resident=False)
         logits = np.repeat(prefill_out["logits"], num_beams, axis=0)  # (B·N, V)
         generated, _ = beam_search(step, logits, next_position, self.text.eos_token_ids, max_new_tokens, num_beams,
                                    step.reorder, row_limits, on_token=self.on_token, on_margins=self.on_beam_margins)

@@ -113,7 +113,8 @@ class Blip2Pipeline(BatchedPipeline):
         clock.lap("visual")
         batch = self.build_prefill(visual["query_embeds"], visual["kept_indices"], text_ids)
         limits = self.row_limits(text_ids)  # (B,) tokens each row has room for: the cache needs no more
-        prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), min(max_new_tokens, int(limits.max())))
+        new_tokens = min(max_new_tokens, int(limits.max()))
+        prefill_out, cache = prefill(self.runners["prefill"], self.prefill_feeds(batch), new_tokens, self.steps)
         clock.lap("prefill")
         generated = self.decode(prefill_out, cache, batch.next_position, max_new_tokens, limits, num_beams)
         clock.lap("decode")

@@ -3,6 +3,7 @@
     prefill(runner, feeds, max_new_tokens)  → outputs, KVCache     the prompt's keys/values fill slots 0…T-1
     decode_step(runner, cache, tokens, …)   → logits; writes slot T, T+1, … in place
     DecodeStep(runner, cache, constant)     the same as a callable, over bound buffers where the runner binds
+    StepPool()                              bound steps (cache + binding) kept for the next request of their shapes
     greedy_decode(step, logits, …)          argmax, EOS / limits, optional per-token callback
     beam_search(step, logits, …)            HF ``generate(num_beams=N)``: N hypotheses per question, the cache's
                                             rows reordered in place after every step (``KVCache.reorder``)
@@ -27,6 +28,8 @@ through bound host buffers or plain runs.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -41,6 +44,9 @@ TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens (
 class KVCache:
     """Self-attention keys/values of one request: ``past.{i}.key|value`` buffers (B, KV, C, Dh) and their
     ``attention_mask`` (B, C) int64, 1 on filled slots; ``length`` slots are filled (the same for every row)."""
+
+    pool_key: tuple | None = None  # its shapes, where a StepPool may keep it
+    bound_step: "DecodeStep | None" = None  # the StepPool's bound step over these buffers
 
     def __init__(self, prompt: dict[str, np.ndarray], prompt_mask: np.ndarray, capacity: int):
         """prompt: the prefill's ``present.{i}.key|value`` (B, KV, T, Dh); prompt_mask (B, T); capacity C ≥ T."""
@@ -58,6 +64,18 @@ class KVCache:
     def from_prefill(cls, outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> "KVCache":
         prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
         return cls(prompt, prompt_mask, prompt_mask.shape[1] + max(max_new_tokens - 1, 0))
+
+    def refill(self, prompt: dict[str, np.ndarray], prompt_mask: np.ndarray) -> None:
+        """Start over with another prompt of the same shapes, in the same buffers: what a new cache would hold (the
+        prompt's slots, zeros after them), so buffers bound to a runner stay bound (:class:`StepPool`)."""
+        width = prompt_mask.shape[1]
+        for name, value in prompt.items():
+            buffer = self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]]  # (B, KV, C, Dh)
+            buffer[:, :, :width] = value
+            buffer[:, :, width:] = 0
+        self.mask[:] = 0  # (B, C)
+        self.mask[:, :width] = prompt_mask
+        self.length = width
 
     @property
     def nbytes(self) -> int:
@@ -109,10 +127,13 @@ class KVCache:
         self.length += 1
 
 
-def prefill(runner: Runner, feeds: dict[str, np.ndarray], max_new_tokens: int) -> tuple[dict[str, np.ndarray], KVCache]:
-    """Run the prompt; its keys/values fill a cache sized for ``max_new_tokens`` more. feeds must hold the
-    prompt's ``attention_mask`` (B, T)."""
+def prefill(runner: Runner, feeds: dict[str, np.ndarray], max_new_tokens: int,
+            pool: "StepPool | None" = None) -> tuple[dict[str, np.ndarray], KVCache]:
+    """Run the prompt; its keys/values fill a cache sized for ``max_new_tokens`` more (a kept one of the same
+    shapes from ``pool`` where it has one). feeds must hold the prompt's ``attention_mask`` (B, T)."""
     outputs = runner.run(feeds)
+    if pool is not None:
+        return outputs, pool.cache(outputs, feeds["attention_mask"], max_new_tokens)
     return outputs, KVCache.from_prefill(outputs, feeds["attention_mask"], max_new_tokens)
 
 
@@ -147,6 +168,19 @@ class DecodeStep:
             self.outputs = self._output_buffers()
             inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **cache.feeds(), **self.constant}
             self.bound = runner.bind({name: inputs[name] for name in runner.input_names}, self.outputs)
+            # (cache buffer (B, KV, C, Dh), the step's new key/value (B, KV, Dh)) per layer: each step's append
+            self.appends = [(cache.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]], buffer[:, :, 0])
+                            for name, buffer in self.outputs.items() if name.startswith(STEP_OUTPUT)]
+
+    def use_constants(self, constant: dict[str, np.ndarray]) -> bool:
+        """Bound steps kept for another request (:class:`StepPool`): bind that request's constant feeds in place of
+        the last one's; False where the bound call cannot rebind them (then the step is not reused)."""
+        if constant.keys() != self.constant.keys() or (constant and not hasattr(self.bound, "rebind")):
+            return False
+        for name, value in constant.items():
+            self.bound.rebind(name, value)
+        self.constant = constant
+        return True
 
     def _output_buffers(self) -> dict[str, np.ndarray]:
         """Host buffers for the step's outputs: logits (B, V) float32 and ``new.*`` (B, KV, 1, Dh) like the cache."""
@@ -178,8 +212,58 @@ class DecodeStep:
         self.input_ids[:, 0] = tokens  # the bound buffers, overwritten in place
         self.position_ids[:, 0] = positions
         self.bound()
-        self.cache.append(self.outputs)
+        slot = self.cache.next_slot()
+        for buffer, value in self.appends:  # KVCache.append, with the pairs looked up once
+            buffer[:, :, slot] = value
+        self.cache.advance()
         return self.outputs["logits"]
+
+
+class StepPool:
+    """Bound decode steps kept between requests, gpt-fast style (its caches are set up once, not per request): a
+    request whose cache has the shapes of a kept step's (batch, prompt width, capacity) refills that step's cache
+    (:meth:`KVCache.refill`: the same contents as a new cache) and decodes through its binding — no cache
+    allocation and no bind per request (README "Speed"). A step is taken out while its cache is in use, so
+    concurrent requests never share one; at most ``max_bytes`` of caches are kept, the least recently used dropped
+    first."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self.kept: OrderedDict[tuple, DecodeStep] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def cache(self, outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> KVCache:
+        """``KVCache.from_prefill``, in a kept step's buffers where one has these shapes."""
+        prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
+        capacity = prompt_mask.shape[1] + max(max_new_tokens - 1, 0)
+        key = (tuple((name, value.shape, value.dtype.str) for name, value in prompt.items()), capacity)
+        with self.lock:
+            step = self.kept.pop(key, None)
+        if step is None:
+            cache = KVCache(prompt, prompt_mask, capacity)
+            cache.pool_key = key
+            return cache
+        step.cache.refill(prompt, prompt_mask)
+        return step.cache
+
+    def step(self, runner: Runner, cache: KVCache, constant: dict[str, np.ndarray]) -> DecodeStep:
+        """A bound step over ``cache``: the kept one it came with, else a new one (kept on ``release``)."""
+        step = cache.bound_step
+        if step is not None and step.runner is runner and step.use_constants(constant):
+            return step
+        cache.bound_step = DecodeStep(runner, cache, constant, bind=True)
+        return cache.bound_step
+
+    def release(self, cache: KVCache) -> None:
+        """The request is done with ``cache``: keep its bound step for the next request of its shapes."""
+        step = cache.bound_step
+        if step is None or step.bound is None or cache.pool_key is None or cache.nbytes > self.max_bytes:
+            return
+        with self.lock:
+            self.kept.pop(cache.pool_key, None)
+            self.kept[cache.pool_key] = step
+            while sum(kept.cache.nbytes for kept in self.kept.values()) > self.max_bytes:
+                self.kept.popitem(last=False)
 
 
 def greedy_decode(

@@ -184,7 +184,8 @@ class MllamaPipeline(BatchedPipeline):
         clock.lap("visual")
         feeds = self.prefill_feeds(ids, states, pixels["aspect_ratio_mask"][:, 0].sum(axis=-1))
         limits = self.row_limits(ids)  # (B,) tokens each row has room for: the cache needs no more
-        prefill_out, cache = prefill(self.runners["prefill"], feeds, min(max_new_tokens, int(limits.max())))
+        new_tokens = min(max_new_tokens, int(limits.max()))
+        prefill_out, cache = prefill(self.runners["prefill"], feeds, new_tokens, self.steps)
         clock.lap("prefill")
         next_position = feeds["position_ids"].max(axis=1) + 1
         generated = self.decode(prefill_out, cache, next_position, max_new_tokens, limits, num_beams)
