@@ -99,15 +99,16 @@ def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict
     """BLIP/BLIP-2 (``BlipImageProcessorPil``): RGB → resize (H, W) → rescale → normalise → (B, 3, H, W) float32."""
     height, width = settings["size"]
     table = value_table(settings)  # (3, 256) float32
-    pixel_values = np.empty((len(images), 3, height, width), dtype=np.float32)  # (B, 3, H, W)
+    pixels = np.empty((len(images), height, width, 3), dtype=np.uint8)  # (B, H, W, 3)
     for row, image in enumerate(images):
         if settings.get("do_convert_rgb", True):
             image = to_rgb(image)
-        if settings.get("do_resize", True):
+        if settings.get("do_resize", True) and image.size != (width, height):  # Pillow copies at the same size
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
-        pixels = np.asarray(image)  # (H, W, 3) uint8
-        for channel in range(3):  # np.take: 0.65× the time of fancy indexing (README "Speed")
-            np.take(table[channel], pixels[:, :, channel], out=pixel_values[row, channel])  # (H, W)
+        pixels[row] = np.asarray(image)  # (H, W, 3)
+    pixel_values = np.empty((len(images), 3, height, width), dtype=np.float32)  # (B, 3, H, W)
+    for channel in range(3):  # the whole batch per channel; np.take: 0.65× the time of fancy indexing (README "Speed")
+        np.take(table[channel], pixels[..., channel], out=pixel_values[:, channel])  # (B, H, W)
     return {"pixel_values": pixel_values}
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO, run_cli
 from runtime.errors import UsageError
-from runtime.pipelines.decoding import KVCache, beam_search
+from runtime.pipelines.beam import beam_search
+from runtime.pipelines.decoding import KVCache
 
 EOS, A, B, C = 0, 1, 2, 3  # the hand-made vocabulary
 QUESTIONS = ["what color is the shape?", "how many?", "is there a red circle in the image on the left side?",

@@ -43,17 +43,13 @@ def prefill_positions(
     if policy not in POSITION_POLICIES:
         raise UsageError(f"unknown positions policy {policy!r}; choose one of {', '.join(POSITION_POLICIES)}")
     batch, k = kept_indices.shape
-    positions = np.full((batch, k + text_width), -1, dtype=np.int64)
-    for row, length in enumerate(text_lengths):
-        if policy == "original":
-            positions[row, :k] = kept_indices[row]
-            text_start = num_queries
-        else:
-            positions[row, :k] = np.arange(k)
-            text_start = k
-        positions[row, k + text_width - length :] = text_start + np.arange(length)
+    lengths = np.asarray(text_lengths, dtype=np.int64)[:, None]  # (B, 1)
+    text_start = num_queries if policy == "original" else k
+    text_positions = text_start + np.arange(text_width) - (text_width - lengths)  # (B, T): negative on left padding
+    positions = np.empty((batch, k + text_width), dtype=np.int64)
+    positions[:, :k] = kept_indices if policy == "original" else np.arange(k)
+    positions[:, k:] = np.where(text_positions >= text_start, text_positions, -1)
     return positions
-
 
 
 @register
@@ -84,8 +80,9 @@ class Blip2Pipeline(BatchedPipeline):
         padded, text_mask = left_pad(text_ids, self.text.pad_token_id)  # (B, T)
         width = padded.shape[1]
         text_embeds = self.runners["embed"].run({"input_ids": padded})["inputs_embeds"]  # (B, T, E)
-        inputs_embeds = np.concatenate([query_embeds.astype(self.float_dtype), text_embeds.astype(self.float_dtype)], axis=1)
-        attention_mask = np.concatenate([np.ones((batch, k), dtype=np.int64), text_mask], axis=1)
+        inputs_embeds = np.concatenate([query_embeds, text_embeds], axis=1, dtype=self.float_dtype)  # (B, k + T, E)
+        attention_mask = np.ones((batch, k + width), dtype=np.int64)  # (B, k + T)
+        attention_mask[:, k:] = text_mask
         position_ids = prefill_positions(
             self.positions, kept_indices, self.manifest.num_visual_tokens, [len(t) for t in text_ids], width
         )

@@ -5,11 +5,11 @@
     DecodeStep(runner, cache, constant)     the same as a callable, over bound buffers where the runner binds
     StepPool()                              bound steps (cache + binding) kept for the next request of their shapes
     greedy_decode(step, logits, …)          argmax, EOS / limits, optional per-token callback
-    beam_search(step, logits, …)            HF ``generate(num_beams=N)``: N hypotheses per question, the cache's
+    beam.beam_search(step, logits, …)       HF ``generate(num_beams=N)``: N hypotheses per question, the cache's
                                             rows reordered in place after every step (``KVCache.reorder``)
 
-The cache is allocated once per request for ``B × (T + max_new_tokens − 1)`` slots (the last token is never fed
-back) and never copied: the decode graph reads the whole buffer with a mask of its filled slots and returns only
+The cache is sized per request for ``B × (T + max_new_tokens − 1)`` slots (the last token is never fed back), kept
+with its binding for the next request of the same shapes (``StepPool``), and never copied: the decode graph reads the whole buffer with a mask of its filled slots and returns only
 the new token's key/value, which ``KVCache.append`` writes into the next slot by position
 (``export/models/kv_cache.py`` has the graph side). Every row of a left-padded batch fills the same slot at each
 step; their positions (``position_ids``) differ.
@@ -49,16 +49,24 @@ class KVCache:
     bound_step: "DecodeStep | None" = None  # the StepPool's bound step over these buffers
 
     def __init__(self, prompt: dict[str, np.ndarray], prompt_mask: np.ndarray, capacity: int):
-        """prompt: the prefill's ``present.{i}.key|value`` (B, KV, T, Dh); prompt_mask (B, T); capacity C ≥ T."""
+        """prompt: the prefill's ``present.{i}.key|value`` (B, KV, T, Dh); prompt_mask (B, T); capacity C ≥ T.
+        Buffers of one shape and dtype (every layer's, in the families here) are views of one ``stacked`` array
+        (L·2, B, KV, C, Dh), so that a step's keys/values go in with one copy (:class:`DecodeStep`)."""
         batch, width = prompt_mask.shape
         self.capacity, self.length = capacity, width
-        self.tensors: dict[str, np.ndarray] = {}
-        for name, value in prompt.items():
-            buffer = np.zeros((*value.shape[:2], capacity, value.shape[3]), dtype=value.dtype)  # (B, KV, C, Dh)
-            buffer[:, :, :width] = value
-            self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]] = buffer
+        names = [CACHE_INPUT + name[len(PREFILL_OUTPUT):] for name in prompt]
+        values = list(prompt.values())
+        kinds = {(value.shape[:2] + value.shape[3:], value.dtype) for value in values}
+        self.stacked: np.ndarray | None = None
+        if len(kinds) == 1:
+            shape, dtype = kinds.pop()
+            self.stacked = np.zeros((len(values), *shape[:2], capacity, shape[2]), dtype=dtype)  # (L·2, B, KV, C, Dh)
+            self.tensors = dict(zip(names, self.stacked))
+        else:
+            self.tensors = {name: np.zeros((*value.shape[:2], capacity, value.shape[3]), dtype=value.dtype)
+                            for name, value in zip(names, values)}  # (B, KV, C, Dh) each
         self.mask = np.zeros((batch, capacity), dtype=np.int64)  # (B, C)
-        self.mask[:, :width] = prompt_mask
+        self.refill(prompt, prompt_mask)
 
     @classmethod
     def from_prefill(cls, outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> "KVCache":
@@ -69,10 +77,14 @@ class KVCache:
         """Start over with another prompt of the same shapes, in the same buffers: what a new cache would hold (the
         prompt's slots, zeros after them), so buffers bound to a runner stay bound (:class:`StepPool`)."""
         width = prompt_mask.shape[1]
-        for name, value in prompt.items():
-            buffer = self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]]  # (B, KV, C, Dh)
-            buffer[:, :, :width] = value
-            buffer[:, :, width:] = 0
+        if self.stacked is not None:  # one copy for all layers, one fill
+            np.stack(list(prompt.values()), out=self.stacked[:, :, :, :width])  # (L·2, B, KV, T, Dh)
+            self.stacked[:, :, :, width:] = 0
+        else:
+            for name, value in prompt.items():
+                buffer = self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]]  # (B, KV, C, Dh)
+                buffer[:, :, :width] = value
+                buffer[:, :, width:] = 0
         self.mask[:] = 0  # (B, C)
         self.mask[:, :width] = prompt_mask
         self.length = width
@@ -104,7 +116,7 @@ class KVCache:
         """A cache of B × ``times`` rows, each row repeated ``times`` times in a row (B → B·N, as HF expands inputs
         for beam search); fresh buffers, so call it before any are bound."""
         repeated = object.__new__(KVCache)
-        repeated.capacity, repeated.length = self.capacity, self.length
+        repeated.capacity, repeated.length, repeated.stacked = self.capacity, self.length, None
         repeated.tensors = {name: np.repeat(buffer, times, axis=0)  # (B·N, KV, C, Dh)
                             for name, buffer in self.tensors.items()}
         repeated.mask = np.repeat(self.mask, times, axis=0)  # (B·N, C)
@@ -168,9 +180,13 @@ class DecodeStep:
             self.outputs = self._output_buffers()
             inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, **cache.feeds(), **self.constant}
             self.bound = runner.bind({name: inputs[name] for name in runner.input_names}, self.outputs)
-            # (cache buffer (B, KV, C, Dh), the step's new key/value (B, KV, Dh)) per layer: each step's append
-            self.appends = [(cache.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]], buffer[:, :, 0])
-                            for name, buffer in self.outputs.items() if name.startswith(STEP_OUTPUT)]
+            # what each step's append copies: (cache buffer, the step's new keys/values), every layer at once where
+            # both are stacked (L·2, B, KV, C | 1, Dh), else per layer (B, KV, C | 1, Dh)
+            if self.new_stacked is not None:
+                self.appends = [(cache.stacked, self.new_stacked[:, :, :, 0], 3)]
+            else:
+                self.appends = [(cache.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]], buffer[:, :, 0], 2)
+                                for name, buffer in self.outputs.items() if name.startswith(STEP_OUTPUT)]
 
     def use_constants(self, constant: dict[str, np.ndarray]) -> bool:
         """Bound steps kept for another request (:class:`StepPool`): bind that request's constant feeds in place of
@@ -189,7 +205,16 @@ class DecodeStep:
             raise BackendError("this runner can bind buffers but does not say its output shapes")
         batch = self.cache.mask.shape[0]
         buffers = {}
+        self.new_stacked = None
+        stacked = self.cache.stacked  # (L·2, B, KV, C, Dh)
+        if stacked is not None and {STEP_OUTPUT + name[len(CACHE_INPUT):] for name in self.cache.tensors} <= set(
+                self.runner.output_names):
+            self.new_stacked = np.empty((*stacked.shape[:3], 1, stacked.shape[4]), dtype=stacked.dtype)  # (L·2, B, KV, 1, Dh)
+            for name, new in zip(self.cache.tensors, self.new_stacked):  # the cache's order
+                buffers[STEP_OUTPUT + name[len(CACHE_INPUT):]] = new
         for name in self.runner.output_names:
+            if name in buffers:
+                continue
             if name.startswith(STEP_OUTPUT):
                 like = self.cache.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]]  # (B, KV, C, Dh)
                 buffers[name] = np.empty((batch, like.shape[1], 1, like.shape[3]), dtype=like.dtype)
@@ -213,8 +238,8 @@ class DecodeStep:
         self.position_ids[:, 0] = positions
         self.bound()
         slot = self.cache.next_slot()
-        for buffer, value in self.appends:  # KVCache.append, with the pairs looked up once
-            buffer[:, :, slot] = value
+        for buffer, value, axis in self.appends:  # KVCache.append, with the buffers looked up once
+            buffer[(slice(None),) * axis + (slot,)] = value
         self.cache.advance()
         return self.outputs["logits"]
 
@@ -286,142 +311,26 @@ def greedy_decode(
     """
     batch = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
-    finished = np.zeros(batch, dtype=bool)
-    limits = np.full(batch, max_new_tokens) if row_limits is None else np.minimum(row_limits, max_new_tokens)
-    position = next_position.astype(np.int64).copy()  # (B,)
+    finished = [False] * batch
+    limits = [max_new_tokens] * batch if row_limits is None else np.minimum(row_limits, max_new_tokens).tolist()
+    eos = set(eos_token_ids)
+    tokens = np.empty(batch, dtype=np.int64)  # (B,) fed back: the chosen token, padding for finished rows
+    position = next_position.astype(np.int64)  # (B,) a copy
     for index in range(max_new_tokens):
-        tokens = logits.argmax(axis=-1).astype(np.int64)  # (B,) first maximum on ties, as torch.argmax
-        tokens = np.where(finished, pad_token_id, tokens)
-        for row in range(batch):
-            if not finished[row]:
-                if int(tokens[row]) in eos_token_ids:
-                    finished[row] = True
-                else:
-                    generated[row].append(int(tokens[row]))
-                    finished[row] = len(generated[row]) >= limits[row]
+        chosen = logits.argmax(axis=-1).tolist()  # first maximum on ties, as torch.argmax; Python ints from here
+        for row, token in enumerate(chosen):  # Python over rows: per-row numpy scalars cost more (README "Speed")
+            if finished[row]:
+                chosen[row] = pad_token_id
+            elif token in eos:
+                finished[row] = True
+            else:
+                generated[row].append(token)
+                finished[row] = len(generated[row]) >= limits[row]
+        tokens[:] = chosen
         if on_token is not None:
-            on_token(index, tokens, finished)
-        if finished.all() or index == max_new_tokens - 1:
+            on_token(index, tokens.copy(), np.array(finished))
+        if all(finished) or index == max_new_tokens - 1:
             break
         logits = step(tokens, position)
         position = position + 1
     return generated
-
-
-# ------------------------------------------------------------------------------------------------ beam search
-
-IMPOSSIBLE = np.float32(-1.0e9)  # HF's score for "cannot be chosen", added in float32 as HF adds it
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 log-probabilities over the last axis, as torch's ``log_softmax``: x − max − log Σ exp(x − max)."""
-    x = logits.astype(np.float32)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """(R, k) indices of the ``k`` largest scores of each row, largest first; equal scores by lower index (what
-    ``torch.topk`` gives on CPU in practice, though torch does not promise an order among ties)."""
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-
-
-def beam_search(
-    step: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    logits: np.ndarray,
-    next_position: np.ndarray,
-    eos_token_ids: list[int],
-    max_new_tokens: int,
-    num_beams: int,
-    reorder: Callable[[np.ndarray], None],
-    row_limits: np.ndarray | None = None,
-    length_penalty: float = 1.0,
-    on_token: TokenCallback | None = None,
-    on_margins: Callable[[int, np.ndarray], None] | None = None,
-) -> tuple[list[list[int]], np.ndarray]:
-    """Beam search as HF's ``GenerationMixin._beam_search`` (transformers 5.x) with ``early_stopping=False``, one
-    sequence returned per question. logits (B·N, V) from the prefill, each question's row repeated N times;
-    next_position (B,) the first generated token's position; ``step(tokens (B·N,), positions (B·N,))`` runs one
-    decode step; ``reorder(rows (B·N,))`` makes the cache's row r a copy of row ``rows[r]`` before that step.
-
-    Each step, per question: float32 log-softmax plus each live hypothesis' running sum; the top
-    ``max(2, 1 + #EOS)·N`` continuations over (N × V). Continuations ending in EOS, or reaching the length limit,
-    finish — only those among the first N count, scored ``sum / length ** length_penalty`` with ``length`` the
-    tokens generated, EOS included (HF's ``cur_len + 1 − prompt length``: the prompt never counts) — and the N best
-    of the rest live on. A question is done once no finished slot is empty and its best live hypothesis, scored at
-    the current length, cannot beat its worst finished one; decoding stops when every question is done or every
-    continuation finished (the length limit: ``max_new_tokens``, or ``row_limits[b]``, the model's positions).
-
-    Returns the best finished hypothesis per question (EOS excluded) and its score (B,) (HF's
-    ``sequences_scores``). Ties between equal scores are broken by lower index (:func:`top_k`). ``on_token(step,
-    best live hypothesis' token (B,), question done (B,))`` after every step; ``on_margins(step, (B,))``: the
-    smallest gap between adjacent scores among each open question's top K + 1 candidates (inf once done) — how
-    close that step came to a tie that could change the search (parity's near-tie criterion).
-    """
-    rows, vocab = logits.shape
-    batch = rows // num_beams
-    limits = np.full(batch, max_new_tokens) if row_limits is None else np.minimum(row_limits, max_new_tokens)
-    eos = np.array(eos_token_ids, dtype=np.int64)
-    keep = max(2, 1 + len(eos)) * num_beams  # K candidates: at least N of them do not end in EOS
-    among_first = np.arange(keep) < num_beams  # (K,) only the top N candidates may finish
-    live = np.zeros((batch, num_beams, max_new_tokens), dtype=np.int64)  # (B, N, L) the live hypotheses' tokens
-    live_scores = np.full((batch, num_beams), IMPOSSIBLE, dtype=np.float32)  # (B, N) their log-probability sums
-    live_scores[:, 0] = 0.0  # the N copies of a question start as one hypothesis
-    done = np.zeros_like(live)  # (B, N, L) finished hypotheses, best first
-    done_lengths = np.zeros((batch, num_beams), dtype=np.int64)  # (B, N)
-    done_scores = np.full((batch, num_beams), IMPOSSIBLE, dtype=np.float32)  # (B, N)
-    done_filled = np.zeros((batch, num_beams), dtype=bool)  # (B, N)
-    open_ = np.ones(batch, dtype=bool)  # (B,) a question's finished set may still change
-    first = np.repeat(next_position.astype(np.int64), num_beams)  # (B·N,)
-    last = np.repeat(next_position.astype(np.int64) + limits - 1, num_beams)  # (B·N,) done rows stay in range
-    row_offset = np.arange(batch)[:, None] * num_beams  # (B, 1)
-    for index in range(max_new_tokens):
-        length = index + 1  # tokens generated, this one included
-        scores = log_softmax(logits).reshape(batch, num_beams, vocab) + live_scores[:, :, None]  # (B, N, V)
-        scores = scores.reshape(batch, num_beams * vocab)  # (B, N·V)
-        ranked = top_k(scores, keep + 1)  # (B, K + 1): one past the cut, for the margin
-        chosen = ranked[:, :keep]  # (B, K)
-        candidate_scores = np.take_along_axis(scores, chosen, axis=1)  # (B, K)
-        if on_margins is not None:
-            gaps = -np.diff(np.take_along_axis(scores, ranked, axis=1), axis=1)  # (B, K) adjacent score gaps, ≥ 0
-            on_margins(index, np.where(open_, gaps.min(axis=1), np.inf))
-        source, tokens = chosen // vocab, chosen % vocab  # (B, K) each
-        candidates = np.take_along_axis(live, source[:, :, None], axis=1)  # (B, K, L) copies
-        candidates[:, :, index] = tokens
-        stops = np.isin(tokens, eos) | (length >= limits)[:, None]  # (B, K)
-
-        # the N best continuations that did not stop live on
-        continuing = candidate_scores + stops.astype(np.float32) * IMPOSSIBLE  # (B, K)
-        best = top_k(continuing, num_beams)  # (B, N)
-        live = np.take_along_axis(candidates, best[:, :, None], axis=1)  # (B, N, L)
-        live_scores = np.take_along_axis(continuing, best, axis=1)  # (B, N)
-        live_source = np.take_along_axis(source, best, axis=1)  # (B, N)
-
-        # stopped candidates among the first N join the finished set where they beat its worst
-        finishing = stops & among_first[None, :]  # (B, K)
-        finished_scores = candidate_scores / np.float32(length ** length_penalty)  # (B, K)
-        finished_scores = finished_scores + (~open_).astype(np.float32)[:, None] * IMPOSSIBLE
-        finished_scores = finished_scores + (~finishing).astype(np.float32) * IMPOSSIBLE
-        merged = np.concatenate([done_scores, finished_scores], axis=1)  # (B, N + K)
-        kept = top_k(merged, num_beams)  # (B, N)
-        done = np.take_along_axis(np.concatenate([done, candidates], axis=1), kept[:, :, None], axis=1)  # (B, N, L)
-        done_lengths = np.take_along_axis(
-            np.concatenate([done_lengths, np.full((batch, keep), length)], axis=1), kept, axis=1)  # (B, N)
-        done_scores = np.take_along_axis(merged, kept, axis=1)  # (B, N)
-        done_filled = np.take_along_axis(np.concatenate([done_filled, finishing], axis=1), kept, axis=1)  # (B, N)
-
-        # early_stopping=False: could the best live hypothesis, scored at today's length, beat the worst finished?
-        best_live = live_scores[:, :1] / np.float32(length ** length_penalty)  # (B, 1)
-        worst_done = np.where(done_filled, done_scores.min(axis=1, keepdims=True), IMPOSSIBLE)  # (B, N)
-        open_ &= (best_live > worst_done).any(axis=1)
-        if on_token is not None:
-            on_token(index, live[:, 0, index], ~open_)
-        if not open_.any() or stops.all():
-            break
-        reorder((live_source + row_offset).reshape(-1))  # (B·N,) the cache rows the live hypotheses came from
-        logits = step(live[:, :, index].reshape(-1), np.minimum(first + index, last))
-    generated = []
-    for row in range(batch):
-        ids = done[row, 0, : done_lengths[row, 0]].tolist()  # filled: at the last step every candidate stops
-        generated.append(ids[:-1] if ids and ids[-1] in eos_token_ids else ids)
-    return generated, done_scores[:, 0].copy()
