@@ -121,7 +121,7 @@ class Blip2Pipeline(BatchedPipeline):
             Answer(
                 answer=self.text.decode(ids),
                 token_ids=ids,
-                kept_indices=[int(i) for i in visual["kept_indices"][row]],
+                kept_indices=visual["kept_indices"][row].tolist(),
                 timings_ms=timings,
                 extra={"self_kv_bytes": cache.nbytes * num_beams // len(generated)},  # N beams: N rows each
                 finish_reason=reasons[row],

@@ -195,7 +195,7 @@ class MllamaPipeline(BatchedPipeline):
         reasons = finish_reasons(generated, limits, max_new_tokens)
         return [
             Answer(answer=self.text.decode(row_ids), token_ids=row_ids,
-                   kept_indices=[int(i) for i in prefill_out["kept_indices"][row]], timings_ms=timings,
+                   kept_indices=prefill_out["kept_indices"][row].tolist(), timings_ms=timings,
                    extra={"cross_kv_bytes": kv_bytes, "self_kv_bytes": cache.nbytes * num_beams // len(generated)},
                    finish_reason=reasons[row])
             for row, row_ids in enumerate(generated)
