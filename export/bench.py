@@ -7,7 +7,8 @@ A grid of ratios × batch sizes × runtime backends, plus HF ``generate`` with `
 same checkpoint, the same images and question, and the same number of generated tokens (EOS ignored everywhere, so
 every row does the same work). Measured in one process, interleaved (each repetition runs every system once, in a
 rotating order), after warm-up runs: per stage (preprocess, visual, prefill, decode), time to first token, total per
-request, answers/s, time inside graph runs, KV-cache bytes; peak memory in a fresh process per row (``--memory``).
+request, answers/s, time inside graph runs, KV-cache bytes; peak memory in a fresh process per row (``--memory``);
+each CPU row's roofline bound at this machine's measured matmul peaks (``--roofline``, ``export/roofline.py``).
 ONNX Runtime's threads do not spin by default here (``--ort-spinning``): spinning threads left behind by one
 system slow down the next one — PyTorch most of all (README "Speed").
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for ONNX Runtime sessions and PyTorch (default 0: each library's own)")
     parser.add_argument("--ort-spinning", action="store_true", help="let ONNX Runtime's threads spin (see above)")
+    parser.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure this machine's matmul peaks through ONNX Runtime (~5 s) and report each CPU "
+                             "row's roofline bound and the fraction of it reached (default on)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="peak RSS per row, each in a fresh process (default on)")
     parser.add_argument("--engines-cache", type=Path, default=EVAL_ENGINES_CACHE,
@@ -158,8 +162,9 @@ def make_systems(args: argparse.Namespace, model: Path, folders: dict[float, Pat
     return systems
 
 
-def measure(args: argparse.Namespace, systems, images, say) -> list[dict]:
-    """Interleaved timing: every repetition runs every (system, batch) once, in a rotating order."""
+def measure(args: argparse.Namespace, systems, images, say, probe=None) -> list[dict]:
+    """Interleaved timing: every repetition runs every (system, batch) once, in a rotating order (and samples the
+    machine's peaks once, where a ``probe`` is given)."""
     cells = [(describe, system, batch) for batch in args.batches for describe, system in systems]
     runs: dict[int, list] = {index: [] for index in range(len(cells))}
     total = args.warmup + args.repeats
@@ -170,6 +175,8 @@ def measure(args: argparse.Namespace, systems, images, say) -> list[dict]:
             run = system.run(images[:batch], [args.question] * batch, args.new_tokens)
             if repetition >= args.warmup:
                 runs[index].append(run)
+        if probe is not None and repetition >= args.warmup:
+            probe.sample()
         say(f"repetition {repetition + 1}/{total}" + (" (warm-up)" if repetition < args.warmup else ""))
     return [{**describe, "batch": batch, "runs": runs[index]} for index, (describe, system, batch) in enumerate(cells)]
 
@@ -208,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         image_size = args.image_size or model_image_size(first.manifest.preprocess)
         images = sample_images(max(args.batches), image_size)
         text_length = next(system for _, system in systems if hasattr(system, "text_length")).text_length(args.question)
-        rows = measure(args, systems, images, say)
+        probe = None
+        if args.roofline:
+            from export.roofline import PeakProbe
+
+            probe = PeakProbe(args.threads, args.ort_spinning)  # sampled between repetitions
+        rows = measure(args, systems, images, say, probe)
+        peaks = probe.result() if probe is not None else None
+        del probe  # its 256 MiB weight
         if args.memory:
             for number, row in enumerate(rows, 1):
                 say(f"peak memory [{number}/{len(rows)}] {row['system']} ratio {row['ratio']:g} batch {row['batch']}")
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "ort_spinning": args.ort_spinning,
                 "image_size": list(image_size), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                             "processor": platform.processor()}}
+        if peaks is not None:
+            meta["machine_peaks"] = peaks
         report = summarize(rows, meta, json.loads((model / "config.json").read_text()))
         report["meta"]["seconds"] = round(time.perf_counter() - started, 1)
         write_outputs(report, out)

@@ -135,6 +135,40 @@ def model_costs(row: dict, meta: dict, config: dict) -> dict[str, dict[str, floa
     return {name: {"gflops": round(cost.flops / 1e9, 6), "gbytes": round(cost.bytes / 1e9, 6)} for name, cost in costs.items()}
 
 
+CPU_SYSTEMS = ("ort-cpu", "hf-sdpa", "hf-eager")  # the systems the machine's CPU peaks bound (HF runs on the CPU here)
+
+
+def roofline(rows: list[dict], meta: dict, config: dict) -> list[dict]:
+    """With the machine's measured peaks (``meta["machine_peaks"]``): each CPU row's roofline bound per stage and
+    the fraction of it reached (``row["roofline"]``); per runtime row, the most it could gain over HF sdpa at these
+    peaks (HF's measured total over the row's summed bounds) next to what it gains."""
+    from export import flops
+    from export.roofline import ROOFLINE_STAGES, stage_bounds
+
+    peaks = meta.get("machine_peaks")
+    if not peaks:
+        return []
+    hf_totals = {row["batch"]: row["total_ms"]["median"] for row in rows if row["system"] == REFERENCE}
+    ceilings = []
+    for row in rows:
+        if row["system"] not in CPU_SYSTEMS:
+            continue
+        costs = flops.stage_costs(config, kept=row["k"], text_len=meta["text_tokens"], batch=row["batch"],
+                                  new_tokens=meta["new_tokens"])
+        bounds = stage_bounds(costs, peaks)
+        measured = {**{stage: row["stages_ms"][stage]["median"] for stage in ROOFLINE_STAGES},
+                    "total": row["total_ms"]["median"]}
+        row["roofline"] = {stage: {"bound_ms": round(bound, 6), "share": round(bound / measured[stage], 6)}
+                           for stage, bound in bounds.items()}
+        hf_total = hf_totals.get(row["batch"])
+        if hf_total is not None and not row["system"].startswith("hf-"):
+            ceilings.append({"system": row["system"], "ratio": row["ratio"], "batch": row["batch"],
+                             "bound_ms": round(bounds["total"], 6), "measured_ms": round(measured["total"], 4),
+                             "speedup_vs_hf": round(hf_total / measured["total"], 3),
+                             "ceiling_vs_hf": round(hf_total / bounds["total"], 3)})
+    return ceilings
+
+
 def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
     summary = [row_summary(row) for row in rows]
     for row in summary:
@@ -147,7 +181,7 @@ def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
                                f"{meta['new_tokens']}: rows would not do the same work")
     lines = flop_lines(summary, meta, config)
     return {"meta": meta, "rows": summary, "speedups": speedups(summary), "flop_model": lines,
-            "fixed_cost_fits": fixed_cost_fits(summary, lines, meta, config)}
+            "fixed_cost_fits": fixed_cost_fits(summary, lines, meta, config), "roofline": roofline(summary, meta, config)}
 
 
 def describe_line(line: dict) -> str:
@@ -159,7 +193,7 @@ def describe_line(line: dict) -> str:
 
 def table(report: dict) -> str:
     header = f"{'system':<9} {'ratio':>5} {'k':>4} {'batch':>5} " + " ".join(f"{s:>10}" for s in STAGES) + \
-             f" {'ttft':>8} {'total':>8} {'ans/s':>8} {'outside':>7} {'vs sdpa':>7} {'peak MiB':>8}"
+             f" {'ttft':>8} {'total':>8} {'ans/s':>8} {'outside':>7} {'vs sdpa':>7} {'peak MiB':>8} {'of peak':>7}"
     lines = [header, "-" * len(header)]
     speed = {(s["system"], s["ratio"], s["batch"]): s["speedup"].get(REFERENCE) for s in report["speedups"]}
     for row in report["rows"]:
@@ -169,7 +203,8 @@ def table(report: dict) -> str:
             + " ".join(f"{row['stages_ms'][s]['median']:>10.3f}" for s in STAGES)
             + f" {row['ttft_ms']['median']:>8.3f} {row['total_ms']['median']:>8.3f} {row['answers_per_s']:>8.1f}"
             f" {row['outside_graph_share']:>7.1%} {ratio if ratio is not None else float('nan'):>6.2f}×"
-            f" {row.get('peak_rss_mb', float('nan')):>8.0f}")
+            f" {row.get('peak_rss_mb', float('nan')):>8.0f}"
+            f" {row['roofline']['total']['share'] if 'roofline' in row else float('nan'):>7.1%}")
     return "\n".join(lines)
 
 
@@ -237,3 +272,11 @@ def write_outputs(report: dict, out: Path) -> None:
         extra = "" if fit is None else (f"; with a fixed {fit['fixed_ms']:.3g} ms ({fit['fixed_share_unpruned']:.0%} of the "
                                         f"unpruned stage) the model predicts {fit['predicted_with_fixed']:.2f}×")
         print(describe_line(line) + extra)
+    peaks = report["meta"].get("machine_peaks")
+    if report["roofline"]:
+        print(f"\nroofline at this machine's peaks ({peaks['gflops']:g} GFLOP/s, {peaks['gbytes_per_s']:g} GB/s through "
+              f"ONNX Runtime): the fastest each row's work can run, and what that allows against {REFERENCE}")
+    for line in report["roofline"]:
+        print(f"{line['system']} batch {line['batch']} ratio {line['ratio']:g}: bound {line['bound_ms']:.3g} ms, measured "
+              f"{line['measured_ms']:.3g} ms ({line['bound_ms'] / line['measured_ms']:.0%} of peak); {line['speedup_vs_hf']:.2f}× "
+              f"{REFERENCE}, at most {line['ceiling_vs_hf']:.2f}× at peak")

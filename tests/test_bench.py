@@ -66,6 +66,20 @@ def check_report(out: Path, ratios, batches, baselines, new_tokens: int) -> dict
     for line in lines:
         assert line["predicted_speedup"] >= 1 and line["measured_speedup"] > 0
         assert line["flops_removed"] == pytest.approx(1 - 1 / line["predicted_speedup"], abs=2e-3)
+    # the roofline: the machine's peaks sampled once per timed repetition, every CPU row's bound per stage
+    peaks = report["meta"]["machine_peaks"]
+    assert peaks["gflops"] > 0 and peaks["gbytes_per_s"] > 0 and peaks["samples"] == report["meta"]["repeats"]
+    for row in rows:
+        bounds = row["roofline"]
+        assert all(bounds[stage]["bound_ms"] > 0 and bounds[stage]["share"] > 0 for stage in ("visual", "prefill", "decode"))
+        assert bounds["total"]["bound_ms"] == pytest.approx(
+            sum(bounds[stage]["bound_ms"] for stage in ("visual", "prefill", "decode")), abs=1e-3)
+    hf = {row["batch"]: row["total_ms"]["median"] for row in rows if row["system"] == "hf-sdpa"}
+    ceilings = report["roofline"]
+    assert len(ceilings) == (len(ratios) * len(batches) if "hf-sdpa" in baselines else 0)
+    for line in ceilings:
+        assert line["ceiling_vs_hf"] == pytest.approx(hf[line["batch"]] / line["bound_ms"], rel=1e-3)
+        assert line["speedup_vs_hf"] == pytest.approx(hf[line["batch"]] / line["measured_ms"], rel=1e-3)
     return report
 
 
@@ -148,6 +162,18 @@ def test_fixed_cost_fit_by_hand():
     assert fits[0]["fixed_ms"] == pytest.approx(2) and fits[0]["ms_per_gflop"] == pytest.approx(3)
     assert fits[0]["predicted_with_fixed"] == pytest.approx(14 / 8, abs=1e-3)
     assert fits[1]["predicted_with_fixed"] == pytest.approx(14 / 5, abs=1e-3)
+
+
+def test_roofline_bounds_by_hand():
+    """A stage runs no faster than its FLOPs at the peak FLOP/s or its bytes at the peak bytes/s, whichever is longer."""
+    from export.flops import StageCost
+    from export.roofline import stage_bounds
+
+    costs = {"visual": StageCost(flops=300e9, bytes=1e9),  # 1 s of FLOPs at 300 GFLOP/s, 0.05 s of bytes at 20 GB/s
+             "prefill": StageCost(flops=30e9, bytes=4e9),  # 0.1 s of FLOPs, 0.2 s of bytes
+             "decode": StageCost(flops=0.0, bytes=2e9)}  # 0.1 s of bytes
+    bounds = stage_bounds(costs, {"gflops": 300, "gbytes_per_s": 20})
+    assert bounds == pytest.approx({"visual": 1000.0, "prefill": 200.0, "decode": 100.0, "total": 1300.0})
 
 
 def test_spread_by_hand():
