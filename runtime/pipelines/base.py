@@ -170,12 +170,13 @@ class BatchedPipeline:
 
 def left_pad(ids: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of unequal length → left-padded (B, T) int64 ids and their (B, T) int64 attention mask."""
-    lengths = np.array([len(row) for row in ids], dtype=np.int64)  # (B,)
-    width = int(lengths.max())
-    filled = np.arange(width) >= width - lengths[:, None]  # (B, T) bool: the right-aligned tokens
+    width = max(len(row) for row in ids)
     padded = np.full((len(ids), width), pad_token_id, dtype=np.int64)
-    padded[filled] = [token for row in ids for token in row]  # row-major: each row's tokens in order
-    return padded, filled.astype(np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, row_ids in enumerate(ids):
+        padded[row, width - len(row_ids):] = row_ids
+        mask[row, width - len(row_ids):] = 1
+    return padded, mask
 
 
 class Clock:

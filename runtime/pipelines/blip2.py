@@ -43,12 +43,15 @@ def prefill_positions(
     if policy not in POSITION_POLICIES:
         raise UsageError(f"unknown positions policy {policy!r}; choose one of {', '.join(POSITION_POLICIES)}")
     batch, k = kept_indices.shape
-    lengths = np.asarray(text_lengths, dtype=np.int64)[:, None]  # (B, 1)
-    text_start = num_queries if policy == "original" else k
-    text_positions = text_start + np.arange(text_width) - (text_width - lengths)  # (B, T): negative on left padding
-    positions = np.empty((batch, k + text_width), dtype=np.int64)
-    positions[:, :k] = kept_indices if policy == "original" else np.arange(k)
-    positions[:, k:] = np.where(text_positions >= text_start, text_positions, -1)
+    positions = np.full((batch, k + text_width), -1, dtype=np.int64)
+    for row, length in enumerate(text_lengths):
+        if policy == "original":
+            positions[row, :k] = kept_indices[row]
+            text_start = num_queries
+        else:
+            positions[row, :k] = np.arange(k)
+            text_start = k
+        positions[row, k + text_width - length :] = text_start + np.arange(length)
     return positions
 
 

@@ -77,13 +77,12 @@ class KVCache:
         """Start over with another prompt of the same shapes, in the same buffers: what a new cache would hold (the
         prompt's slots, zeros after them), so buffers bound to a runner stay bound (:class:`StepPool`)."""
         width = prompt_mask.shape[1]
-        if self.stacked is not None:  # one copy for all layers, one fill
-            np.stack(list(prompt.values()), out=self.stacked[:, :, :, :width])  # (L·2, B, KV, T, Dh)
-            self.stacked[:, :, :, width:] = 0
+        for name, value in prompt.items():
+            self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]][:, :, :width] = value  # (B, KV, C, Dh)
+        if self.stacked is not None:  # every layer's empty slots in one fill
+            self.stacked[:, :, :, width:] = 0  # (L·2, B, KV, C - T, Dh)
         else:
-            for name, value in prompt.items():
-                buffer = self.tensors[CACHE_INPUT + name[len(PREFILL_OUTPUT):]]  # (B, KV, C, Dh)
-                buffer[:, :, :width] = value
+            for buffer in self.tensors.values():
                 buffer[:, :, width:] = 0
         self.mask[:] = 0  # (B, C)
         self.mask[:, :width] = prompt_mask
