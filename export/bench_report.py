@@ -13,6 +13,7 @@ from export.bench_systems import STAGES
 REFERENCE = "hf-sdpa"  # speedups are against HF generate with sdpa attention, the same batch
 MIN_FIT_SPREAD = 0.2  # fit fixed + slope × FLOPs only where the ratios change a stage's FLOPs by 20% or more
 TOLERANCE = 0.15  # a pruned stage's measured speedup "matches" the FLOP model within this relative difference
+CPU_SYSTEMS = ("ort-cpu", "hf-sdpa", "hf-eager")  # the systems the machine's CPU peaks bound (HF runs on the CPU here)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -66,6 +67,7 @@ def flop_lines(rows: list[dict], meta: dict, config: dict) -> list[dict]:
     """Per runtime backend and batch, each pruned ratio against ratio 0: per stage, the FLOP model's predicted
     speedup and the measured one (medians)."""
     from export import flops
+    from export.roofline import stage_bounds
 
     unpruned = {(row["system"], row["batch"]): row for row in rows if not row["system"].startswith("hf-") and row["ratio"] == 0}
     lines = []
@@ -75,6 +77,8 @@ def flop_lines(rows: list[dict], meta: dict, config: dict) -> list[dict]:
             continue
         costs = {name: flops.stage_costs(config, kept=r["k"], text_len=meta["text_tokens"], batch=row["batch"],
                                          new_tokens=meta["new_tokens"]) for name, r in (("full", base), ("pruned", row))}
+        peaks = meta.get("machine_peaks") if row["system"] in CPU_SYSTEMS else None
+        bounds = {name: stage_bounds(cost, peaks) for name, cost in costs.items()} if peaks else None
         for stage in ("visual", "prefill", "decode", "total"):
             if stage == "total":
                 full = sum(costs["full"][s].flops for s in ("visual", "prefill", "decode"))
@@ -84,10 +88,14 @@ def flop_lines(rows: list[dict], meta: dict, config: dict) -> list[dict]:
                 full, pruned = costs["full"][stage].flops, costs["pruned"][stage].flops
                 measured = base["stages_ms"][stage]["median"] / row["stages_ms"][stage]["median"]
             predicted = full / pruned
-            lines.append({"system": row["system"], "batch": row["batch"], "ratio": row["ratio"], "stage": stage,
-                          "flops_removed": round(1 - pruned / full, 4), "predicted_speedup": round(predicted, 3),
-                          "measured_speedup": round(measured, 3),
-                          "within_tolerance": abs(measured / predicted - 1) <= TOLERANCE})
+            line = {"system": row["system"], "batch": row["batch"], "ratio": row["ratio"], "stage": stage,
+                    "flops_removed": round(1 - pruned / full, 4), "predicted_speedup": round(predicted, 3),
+                    "measured_speedup": round(measured, 3), "within_tolerance": abs(measured / predicted - 1) <= TOLERANCE}
+            if bounds:  # the roofline's prediction: a stage bound by bytes gains less than its FLOPs say
+                roofline = bounds["full"][stage] / bounds["pruned"][stage]
+                line["roofline_speedup"] = round(roofline, 3)
+                line["within_tolerance_roofline"] = abs(measured / roofline - 1) <= TOLERANCE
+            lines.append(line)
     return lines
 
 
@@ -133,9 +141,6 @@ def model_costs(row: dict, meta: dict, config: dict) -> dict[str, dict[str, floa
     costs = flops.stage_costs(config, kept=row["k"], text_len=meta["text_tokens"], batch=row["batch"],
                               new_tokens=meta["new_tokens"])
     return {name: {"gflops": round(cost.flops / 1e9, 6), "gbytes": round(cost.bytes / 1e9, 6)} for name, cost in costs.items()}
-
-
-CPU_SYSTEMS = ("ort-cpu", "hf-sdpa", "hf-eager")  # the systems the machine's CPU peaks bound (HF runs on the CPU here)
 
 
 def roofline(rows: list[dict], meta: dict, config: dict) -> list[dict]:
@@ -186,9 +191,13 @@ def summarize(rows: list[dict], meta: dict, config: dict) -> dict:
 
 def describe_line(line: dict) -> str:
     verdict = "within" if line["within_tolerance"] else "outside"
-    return (f"{line['system']} batch {line['batch']} ratio {line['ratio']:g} {line['stage']:>7}: pruning removed "
+    text = (f"{line['system']} batch {line['batch']} ratio {line['ratio']:g} {line['stage']:>7}: pruning removed "
             f"{line['flops_removed']:.0%} of the FLOPs (predicted {line['predicted_speedup']:.2f}×), measured "
             f"{line['measured_speedup']:.2f}× ({verdict} {TOLERANCE:.0%})")
+    if "roofline_speedup" in line:
+        verdict = "within" if line["within_tolerance_roofline"] else "outside"
+        text += f"; the roofline predicts {line['roofline_speedup']:.2f}× ({verdict})"
+    return text
 
 
 def table(report: dict) -> str:
@@ -229,6 +238,12 @@ def plot(report: dict, path: Path) -> None:
             ax.bar(range(len(cells)), heights, bottom=bottom, color=colors[stage], label=stage,
                    hatch="//" if stage == "other" else None)
             bottom = [b + h for b, h in zip(bottom, heights)]
+        marked = False
+        for index, row in enumerate(cells):  # the fastest the row's work can run at the machine's peaks
+            if "roofline" in row:
+                ax.hlines(row["roofline"]["total"]["bound_ms"], index - 0.4, index + 0.4, colors="black", linestyles=":",
+                          label=None if marked else "roofline bound")
+                marked = True
         ax.set_xticks(range(len(cells)), labels, fontsize=7)
         ax.set_ylabel("ms per request (median)")
         ax.set_title(f"stage times, batch {batch}")

@@ -66,6 +66,7 @@ def check_report(out: Path, ratios, batches, baselines, new_tokens: int) -> dict
     for line in lines:
         assert line["predicted_speedup"] >= 1 and line["measured_speedup"] > 0
         assert line["flops_removed"] == pytest.approx(1 - 1 / line["predicted_speedup"], abs=2e-3)
+        assert line["roofline_speedup"] > 0 and isinstance(line["within_tolerance_roofline"], bool)
     # the roofline: the machine's peaks sampled once per timed repetition, every CPU row's bound per stage
     peaks = report["meta"]["machine_peaks"]
     assert peaks["gflops"] > 0 and peaks["gbytes_per_s"] > 0 and peaks["samples"] == report["meta"]["repeats"]
