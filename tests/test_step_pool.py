@@ -81,6 +81,11 @@ def test_pool_keeps_at_most_max_bytes_least_recently_used_dropped():
     assert sum(step.cache.nbytes for step in pool.kept.values()) <= pool.max_bytes and len(pool.kept) == 2
     assert pool.cache(*prompt_outputs(1), max_new_tokens=2) is not caches[0]  # the oldest was dropped
     assert pool.cache(*prompt_outputs(1), max_new_tokens=4) is caches[2]
+    big = StepPool(max_bytes=2 * one_cache)  # a step's bound constant feeds count too
+    cache = big.cache(*prompt_outputs(1), max_new_tokens=3)
+    big.step(runner, cache, {"cross": np.zeros(one_cache // 4 * 2, np.float32)})  # 2 caches' bytes more
+    big.release(cache)
+    assert not big.kept
     nothing = StepPool(max_bytes=0)
     cache = nothing.cache(*prompt_outputs(1), max_new_tokens=2)
     nothing.step(runner, cache, {})

@@ -9,8 +9,9 @@
                                             rows reordered in place after every step (``KVCache.reorder``)
 
 The cache is sized per request for ``B × (T + max_new_tokens − 1)`` slots (the last token is never fed back), kept
-with its binding for the next request of the same shapes (``StepPool``), and never copied: the decode graph reads the whole buffer with a mask of its filled slots and returns only
-the new token's key/value, which ``KVCache.append`` writes into the next slot by position
+with its binding for the next request of the same shapes (``StepPool``), and never copied: the decode graph reads
+the whole buffer with a mask of its filled slots and returns only the new token's key/value, which
+``KVCache.append`` writes into the next slot by position
 (``export/models/kv_cache.py`` has the graph side). Every row of a left-padded batch fills the same slot at each
 step; their positions (``position_ids``) differ.
 
@@ -187,6 +188,11 @@ class DecodeStep:
                 self.appends = [(cache.tensors[CACHE_INPUT + name[len(STEP_OUTPUT):]], buffer[:, :, 0], 2)
                                 for name, buffer in self.outputs.items() if name.startswith(STEP_OUTPUT)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the step holds on to: its cache and the constant feeds bound with it."""
+        return self.cache.nbytes + sum(int(value.nbytes) for value in self.constant.values())
+
     def use_constants(self, constant: dict[str, np.ndarray]) -> bool:
         """Bound steps kept for another request (:class:`StepPool`): bind that request's constant feeds in place of
         the last one's; False where the bound call cannot rebind them (then the step is not reused)."""
@@ -248,8 +254,9 @@ class StepPool:
     request whose cache has the shapes of a kept step's (batch, prompt width, capacity) refills that step's cache
     (:meth:`KVCache.refill`: the same contents as a new cache) and decodes through its binding — no cache
     allocation and no bind per request (README "Speed"). A step is taken out while its cache is in use, so
-    concurrent requests never share one; at most ``max_bytes`` of caches are kept, the least recently used dropped
-    first."""
+    concurrent requests never share one; at most ``max_bytes`` are kept (caches and the constant feeds bound with
+    them: a real checkpoint's are rarely worth keeping, its bind costs nothing next to its graphs), the least
+    recently used dropped first."""
 
     def __init__(self, max_bytes: int = 64 << 20):
         self.max_bytes = max_bytes
@@ -281,12 +288,12 @@ class StepPool:
     def release(self, cache: KVCache) -> None:
         """The request is done with ``cache``: keep its bound step for the next request of its shapes."""
         step = cache.bound_step
-        if step is None or step.bound is None or cache.pool_key is None or cache.nbytes > self.max_bytes:
+        if step is None or step.bound is None or cache.pool_key is None or step.nbytes > self.max_bytes:
             return
         with self.lock:
             self.kept.pop(cache.pool_key, None)
             self.kept[cache.pool_key] = step
-            while sum(kept.cache.nbytes for kept in self.kept.values()) > self.max_bytes:
+            while sum(kept.nbytes for kept in self.kept.values()) > self.max_bytes:
                 self.kept.popitem(last=False)
 
 
