@@ -107,7 +107,7 @@ def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict
             image = image.resize((width, height), resample=Image.Resampling(settings["resample"]))
         pixels[row] = np.asarray(image)  # (H, W, 3)
     pixel_values = np.empty((len(images), 3, height, width), dtype=np.float32)  # (B, 3, H, W)
-    for channel in range(3):  # the whole batch per channel; np.take: 0.65× the time of fancy indexing (README "Speed")
+    for channel in range(3):  # the whole batch per channel; np.take is cheaper than fancy indexing (README "Speed")
         np.take(table[channel], pixels[..., channel], out=pixel_values[:, channel])  # (B, H, W)
     return {"pixel_values": pixel_values}
 
