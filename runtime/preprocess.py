@@ -5,8 +5,6 @@ runtime never reads HF's config formats. Each processor kind is one function reg
 """
 from __future__ import annotations
 
-import json
-
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,8 +114,8 @@ def value_table(settings: dict[str, Any]) -> np.ndarray:
     """(3, 256) float32: what rescale → normalise (float64, HF's order of operations) makes of each 8-bit value in
     each channel. A resized RGB image has only these 256 values per channel, so a lookup gives the same bits as
     computing every pixel — at a fraction of the cost (README "Speed")."""
-    key = json.dumps({name: settings.get(name) for name in ("do_rescale", "rescale_factor", "do_normalize", "image_mean",
-                                                            "image_std")}, sort_keys=True)
+    values = [settings.get(name) for name in ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")]
+    key = tuple(tuple(value) if isinstance(value, list) else value for value in values)  # hashable, no JSON per call
     if key not in _TABLES:
         values = np.broadcast_to(np.arange(256, dtype=np.float64), (3, 256)).T  # (256, 3): every value, each channel
         if settings.get("do_rescale", True):
@@ -128,7 +126,7 @@ def value_table(settings: dict[str, Any]) -> np.ndarray:
     return _TABLES[key]
 
 
-_TABLES: dict[str, np.ndarray] = {}
+_TABLES: dict[tuple, np.ndarray] = {}
 
 
 # ------------------------------------------------------------------------------------------------ Mllama
