@@ -1,8 +1,8 @@
 """How close a measured stage is to what this machine can do: its matmul peaks, measured through ONNX Runtime's CPU
 provider with the bench's settings, and the roofline bound of each stage from the FLOP and bytes model.
 
-    peaks = measure_peaks(threads=0)          # {"gflops": …, "gbytes_per_s": …, …}: best of a few runs each
-    probe = PeakProbe(); probe.sample() …     # the same, sampled between the bench's repetitions
+    probe = PeakProbe(threads=0)              # both matmuls loaded once
+    probe.sample(); …; peaks = probe.result() # {"gflops": …, "gbytes_per_s": …}: the best sample of each
     bounds = stage_bounds(costs, peaks)       # per stage: max(FLOPs / peak FLOP/s, bytes / peak bytes/s), in ms
 
 The FLOP peak is a large fp32 GEMM (the shape of a ViT-g MLP over 256 tokens), the bytes peak a GEMV whose weight
@@ -23,7 +23,6 @@ ROOFLINE_STAGES = ("visual", "prefill", "decode")
 
 def _matmul_session(shape: tuple[int, int, int], threads: int, spinning: bool, seed: int):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from runtime.backends.ort import OrtSettings, onnxruntime_module
@@ -36,7 +35,6 @@ def _matmul_session(shape: tuple[int, int, int], threads: int, spinning: bool, s
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])],
         [numpy_helper.from_array(weight, "weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(model)
     options = OrtSettings(threads=threads, spinning=spinning).session_options()
     session = onnxruntime_module().InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {"x": np.random.default_rng(seed + 1).standard_normal((rows, inner), dtype=np.float32)}
@@ -70,14 +68,6 @@ class PeakProbe:
                 "gbytes_per_s": round(4 * gemv_inner * gemv_cols / self.best["gemv"] / 1e9, 2),
                 "gemm_shape": list(GEMM_SHAPE), "gemv_shape": list(GEMV_SHAPE), "samples": self.samples,
                 "how": "ONNX Runtime CPU MatMul, fp32, best sample; threads and spinning as the bench's sessions"}
-
-
-def measure_peaks(threads: int = 0, spinning: bool = False, runs: int = 10) -> dict[str, Any]:
-    """This machine's fp32 matmul FLOP/s and weight-streaming bytes/s through ONNX Runtime (best of ``runs``)."""
-    probe = PeakProbe(threads, spinning)
-    for _ in range(runs):
-        probe.sample()
-    return probe.result()
 
 
 def stage_bounds(costs: dict[str, Any], peaks: dict[str, Any]) -> dict[str, float]:

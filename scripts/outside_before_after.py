@@ -32,20 +32,18 @@ def child(engines: str, batches: list[int], requests: int, new_tokens: int) -> d
     """Runs in the version under test (its ``runtime``/``export`` first on the path)."""
     from PIL import Image
 
-    import runtime.pipelines.base as base
     from export.bench_systems import PipelineSystem
+    from ort_settings_sweep import stage_outside  # this script's folder: the lap patch, the same for both versions
 
     system = PipelineSystem(Path(engines), "ort-cpu")
     laps: dict[str, list[float]] = {}
-    original = base.Clock.lap
 
-    def lap(clock, name):  # the stage's time less the graph time the ledger counted during it
-        original(clock, name)
-        graph_ms = system.ledger.seconds * 1e3
-        laps.setdefault(name, []).append(clock.laps[name] - (graph_ms - getattr(clock, "graph_ms", 0.0)))
-        clock.graph_ms = graph_ms
+    def timed(images, questions):
+        result, stage_laps = stage_outside(system, lambda: system.run(images, questions, new_tokens))
+        for name, outside in stage_laps.items():
+            laps.setdefault(name, []).append(outside)
+        return result
 
-    base.Clock.lap = lap
     height, width = system.manifest.preprocess["size"]
     result = {}
     for batch in batches:
@@ -53,9 +51,9 @@ def child(engines: str, batches: list[int], requests: int, new_tokens: int) -> d
                   for i in range(batch)]
         questions = (QUESTIONS * batch)[:batch]
         for _ in range(20):
-            system.run(images, questions, new_tokens)
+            timed(images, questions)
         laps.clear()
-        runs = [system.run(images, questions, new_tokens) for _ in range(requests)]
+        runs = [timed(images, questions) for _ in range(requests)]
         total = statistics.median(run.total_ms for run in runs)
         outside = statistics.median(run.total_ms - run.graph_ms for run in runs)
         stages = {name: statistics.median(values) for name, values in laps.items()}

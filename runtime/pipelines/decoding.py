@@ -69,10 +69,16 @@ class KVCache:
         self.mask = np.zeros((batch, capacity), dtype=np.int64)  # (B, C)
         self.refill(prompt, prompt_mask)
 
+    @staticmethod
+    def prompt_of(outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> tuple[dict, int]:
+        """The prefill's ``present.*`` outputs and the capacity a cache for ``max_new_tokens`` more needs."""
+        prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
+        return prompt, prompt_mask.shape[1] + max(max_new_tokens - 1, 0)
+
     @classmethod
     def from_prefill(cls, outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> "KVCache":
-        prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
-        return cls(prompt, prompt_mask, prompt_mask.shape[1] + max(max_new_tokens - 1, 0))
+        prompt, capacity = cls.prompt_of(outputs, prompt_mask, max_new_tokens)
+        return cls(prompt, prompt_mask, capacity)
 
     def refill(self, prompt: dict[str, np.ndarray], prompt_mask: np.ndarray) -> None:
         """Start over with another prompt of the same shapes, in the same buffers: what a new cache would hold (the
@@ -265,8 +271,7 @@ class StepPool:
 
     def cache(self, outputs: dict[str, np.ndarray], prompt_mask: np.ndarray, max_new_tokens: int) -> KVCache:
         """``KVCache.from_prefill``, in a kept step's buffers where one has these shapes."""
-        prompt = {name: value for name, value in outputs.items() if name.startswith(PREFILL_OUTPUT)}
-        capacity = prompt_mask.shape[1] + max(max_new_tokens - 1, 0)
+        prompt, capacity = KVCache.prompt_of(outputs, prompt_mask, max_new_tokens)
         key = (tuple((name, value.shape, value.dtype.str) for name, value in prompt.items()), capacity)
         with self.lock:
             step = self.kept.pop(key, None)
