@@ -106,7 +106,8 @@ def preprocess_blip(images: list[Image.Image], settings: dict[str, Any]) -> dict
         pixels[row] = np.asarray(image)  # (H, W, 3)
     pixel_values = np.empty((len(images), 3, height, width), dtype=np.float32)  # (B, 3, H, W)
     for channel in range(3):  # the whole batch per channel; np.take is cheaper than fancy indexing (README "Speed")
-        np.take(table[channel], pixels[..., channel], out=pixel_values[:, channel])  # (B, H, W)
+        # mode "clip": 8-bit indices are always in range, and numpy buffers ``out`` in the default mode "raise"
+        np.take(table[channel], pixels[..., channel], out=pixel_values[:, channel], mode="clip")  # (B, H, W)
     return {"pixel_values": pixel_values}
 
 
