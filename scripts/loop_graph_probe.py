@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = ["what is the red shape?", "what color is the shape?", "is there a circle in the image?", "what shape is this?"]
 
 
 def loop_graph(decode_path: Path, folder: Path) -> Path:
@@ -110,7 +109,7 @@ def loop_graph(decode_path: Path, folder: Path) -> Path:
 
 def probe(engines: Path, batches: list[int], new_tokens: int, requests: int) -> dict:
     import onnxruntime as ort
-    from PIL import Image
+    from outside_before_after import sample_batch  # this script's folder
 
     from runtime.backends import load_runners
     from runtime.manifest import Manifest
@@ -126,9 +125,7 @@ def probe(engines: Path, batches: list[int], new_tokens: int, requests: int) -> 
         session = ort.InferenceSession(str(loop_graph(engines / "decode.onnx", Path(folder))), options,
                                        providers=["CPUExecutionProvider"])
         for batch in batches:
-            images = [Image.open(REPO / "samples" / f"easyvqa-test-{i % 4}.png").convert("RGB").resize((width, height))
-                      for i in range(batch)]
-            questions = (QUESTIONS * batch)[:batch]
+            images, questions = sample_batch(batch, (width, height))
             text_ids = pipeline.encode_questions(questions)
             visual = pipeline.visual(pipeline.preprocess(images))
             prefill_batch = pipeline.build_prefill(visual["query_embeds"], visual["kept_indices"], text_ids)

@@ -28,10 +28,16 @@ REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = ["what is the red shape?", "what color is the shape?", "is there a circle in the image?", "what shape is this?"]
 
 
-def child(engines: str, batches: list[int], requests: int, new_tokens: int) -> dict:
-    """Runs in the version under test (its ``runtime``/``export`` first on the path)."""
+def sample_batch(batch: int, size: tuple[int, int]) -> tuple[list, list[str]]:
+    """``batch`` easy-VQA sample images at ``size`` (width, height) and questions, cycling through the four samples."""
     from PIL import Image
 
+    images = [Image.open(REPO / "samples" / f"easyvqa-test-{i % 4}.png").convert("RGB").resize(size) for i in range(batch)]
+    return images, (QUESTIONS * batch)[:batch]
+
+
+def child(engines: str, batches: list[int], requests: int, new_tokens: int) -> dict:
+    """Runs in the version under test (its ``runtime``/``export`` first on the path)."""
     from export.bench_systems import PipelineSystem
     from ort_settings_sweep import stage_outside  # this script's folder: the lap patch, the same for both versions
 
@@ -47,9 +53,7 @@ def child(engines: str, batches: list[int], requests: int, new_tokens: int) -> d
     height, width = system.manifest.preprocess["size"]
     result = {}
     for batch in batches:
-        images = [Image.open(REPO / "samples" / f"easyvqa-test-{i % 4}.png").convert("RGB").resize((width, height))
-                  for i in range(batch)]
-        questions = (QUESTIONS * batch)[:batch]
+        images, questions = sample_batch(batch, (width, height))
         for _ in range(20):
             timed(images, questions)
         laps.clear()
